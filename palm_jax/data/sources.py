@@ -1,0 +1,256 @@
+"""Dataset sources: local npz folders of JPEGs (decoded once, cached), generated images, and the dispatcher.
+
+An npz folder holds `train.npz` and optionally `test.npz`, each with three arrays (the format of
+`shared/data/cifar10-jpeg`): `jpeg` (uint8, the JPEG files concatenated), `offsets` (int, N + 1 entries; image
+i is `jpeg[offsets[i]:offsets[i + 1]]`) and `label` (int, N entries).
+
+Decoded images are cached as `<cache>/<stem>-<sha256 of the npz, 16 hex>-v1.npy`, where `<cache>` is
+`$PALM_JAX_CACHE` or `~/.cache/palm_jax`. The key is the file's content hash, so a moved or re-copied file
+still hits the cache and an edited one never reads stale images. Writes are atomic (temporary file, then
+`os.replace`); caches are read with `np.load(allow_pickle=False)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+POINT_AT_LOCAL_DATA = "pass --data-dir DIR (make: DATA_DIR=DIR) holding train.npz [test.npz]"
+_NPZ_KEYS = ("jpeg", "offsets", "label")
+_DECODE_VERSION = "v1"  # bump when decoding changes, so old caches are ignored
+
+
+class DataNotFoundError(RuntimeError):
+    """No usable data. `str(e)` is one line saying what was looked for and how to point at local data."""
+
+
+class DataFormatError(DataNotFoundError, ValueError):
+    """A data file exists but is not in the expected format; `str(e)` is one line naming the file."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Host arrays of one dataset: uint8 images [N, H, W, 3], int32 labels [N]."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    eval_images: np.ndarray
+    eval_labels: np.ndarray
+    eval_split: str  # "test" (a real test split) or "val" (held out from the training images)
+    num_classes: int
+
+    def __post_init__(self):
+        for prefix in ("train", "eval"):
+            images, labels = getattr(self, f"{prefix}_images"), getattr(self, f"{prefix}_labels")
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"{prefix}_images must be uint8 [N, H, W, 3], got {images.dtype} "
+                                 f"{images.shape}")
+            if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+                raise ValueError(f"{prefix}_labels must be int32 [{len(images)}], got {labels.dtype} "
+                                 f"{labels.shape}")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
+
+
+def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, download=None) -> Dataset:
+    """Loads `name` ("cifar10", "cifar100", "svhn" or "synthetic") as host uint8 arrays.
+
+    With `data_dir`: `DIR/train.npz` (+ `DIR/test.npz` if present). Without a test file the last
+    `val_images` training images become the eval set (`eval_split="val"`). Without `data_dir`: TensorFlow
+    Datasets' train and test splits, read from its data dir (`$TFDS_DATA_DIR`, default ~/tensorflow_datasets);
+    it downloads only when `download=True` or `PALM_JAX_TFDS_DOWNLOAD=1`, otherwise missing data is a quick
+    `DataNotFoundError`. `train_images=K` keeps the first K training images (after the hold-out).
+    Decoded npz images are cached (see the module docstring), so only the first load decodes JPEGs.
+    """
+    if name == "synthetic":
+        if data_dir is not None:
+            raise ValueError(f"dataset 'synthetic' is generated and reads no --data-dir (got {data_dir}); "
+                             f"name the dataset the folder holds, one of {sorted(NUM_CLASSES)}")
+        dataset = synthetic_dataset()
+    elif name not in NUM_CLASSES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted([*NUM_CLASSES, 'synthetic'])}")
+    elif data_dir is not None:
+        dataset = _load_npz_dir(name, os.fspath(data_dir), val_images)
+    else:
+        from palm_jax.data.tfds import load_tfds
+
+        train, test, num_classes = load_tfds(name, download=download)
+        dataset = Dataset(name, *train, *test, eval_split="test", num_classes=num_classes)
+    if train_images is not None:
+        if not 0 < train_images <= len(dataset.train_labels):
+            raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
+                             "training images (after the validation hold-out)")
+        dataset = dataclasses.replace(dataset, train_images=dataset.train_images[:train_images],
+                                      train_labels=dataset.train_labels[:train_images])
+    return dataset
+
+
+def _load_npz_dir(name, data_dir, val_images):
+    train_path, test_path = os.path.join(data_dir, "train.npz"), os.path.join(data_dir, "test.npz")
+    if not os.path.isfile(train_path):
+        raise DataNotFoundError(f"no {name} data: {train_path} does not exist; {POINT_AT_LOCAL_DATA}")
+    num_classes = NUM_CLASSES[name]
+    images, labels = read_npz(train_path, num_classes)
+    if os.path.isfile(test_path):
+        eval_images, eval_labels = read_npz(test_path, num_classes)
+        if eval_images.shape[1:] != images.shape[1:]:
+            raise DataFormatError(f"{test_path}: images are {eval_images.shape[1:]}, but {train_path} has "
+                                  f"{images.shape[1:]}")
+        return Dataset(name, images, labels, eval_images, eval_labels, "test", num_classes)
+    if not 0 < val_images < len(labels):
+        raise ValueError(f"val_images={val_images}: {train_path} has {len(labels)} images and no test.npz "
+                         "beside it, so hold out between 1 and N - 1 of them")
+    cut = len(labels) - val_images
+    return Dataset(name, images[:cut], labels[:cut], images[cut:], labels[cut:], "val", num_classes)
+
+
+def read_npz(path, num_classes):
+    """Validated (uint8 images [N, H, W, 3], int32 labels [N]) from an npz of JPEGs, through the cache."""
+    jpeg, offsets, labels = _read_npz_arrays(path, num_classes)
+    cache_path = os.path.join(cache_dir(), f"{_stem(path)}-{file_sha256(path)[:16]}-{_DECODE_VERSION}.npy")
+    images = _read_cache(cache_path, len(labels))
+    if images is None:
+        print(f"palm_jax: decoding {len(labels)} images of {path} once (cache: {cache_path})",
+              file=sys.stderr)
+        images = decode_images(path, jpeg, offsets)
+        _write_cache(cache_path, images)
+    return images, labels
+
+
+def _read_npz_arrays(path, num_classes):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in _NPZ_KEYS if key not in npz.files]
+            if missing:
+                raise DataFormatError(f"{path}: missing array(s) {missing}; expected {list(_NPZ_KEYS)} "
+                                      "(jpeg bytes, N + 1 offsets, N labels)")
+            jpeg, offsets, labels = (npz[key] for key in _NPZ_KEYS)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, DataFormatError):
+            raise
+        raise DataFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {first_line(e)})") from e
+    if jpeg.dtype != np.uint8 or jpeg.ndim != 1:
+        raise DataFormatError(f"{path}: 'jpeg' must be a 1-D uint8 array, got {jpeg.dtype} {jpeg.shape}")
+    for key, array in (("offsets", offsets), ("label", labels)):
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise DataFormatError(f"{path}: '{key}' must be a 1-D integer array, got {array.dtype} "
+                                  f"{array.shape}")
+    if len(offsets) != len(labels) + 1:
+        raise DataFormatError(f"{path}: {len(labels)} labels need {len(labels) + 1} offsets, "
+                              f"found {len(offsets)}")
+    if len(labels) == 0:
+        raise DataFormatError(f"{path}: holds no images")
+    not_increasing = np.flatnonzero(np.diff(offsets) <= 0)
+    if offsets[0] < 0 or offsets[-1] > len(jpeg) or len(not_increasing):
+        where = ""
+        if len(not_increasing):
+            i = not_increasing[0]
+            where = f" (offsets[{i}]={offsets[i]}, offsets[{i + 1}]={offsets[i + 1]})"
+        raise DataFormatError(f"{path}: offsets must increase strictly from >= 0 to <= {len(jpeg)} (the jpeg "
+                              f"size){where}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataFormatError(f"{path}: labels must lie in [0, {num_classes}), found "
+                              f"{labels.min()}..{labels.max()}")
+    return jpeg, offsets, labels.astype(np.int32)
+
+
+def decode_images(path, jpeg, offsets):
+    """Decodes every image with Pillow (RGB); all must share one shape."""
+    images = None
+    for i in range(len(offsets) - 1):
+        try:
+            with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise DataFormatError(f"{path}: image {i} does not decode ({first_line(e)})") from e
+        if images is None:
+            images = np.empty((len(offsets) - 1, *array.shape), np.uint8)
+        elif array.shape != images.shape[1:]:
+            raise DataFormatError(f"{path}: image {i} is {array.shape}, image 0 is {images.shape[1:]}")
+        images[i] = array
+    return images
+
+
+def cache_dir():
+    """`$PALM_JAX_CACHE`, else ~/.cache/palm_jax."""
+    return os.environ.get("PALM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "palm_jax")
+
+
+def file_sha256(path, chunk_bytes=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_cache(cache_path, num_images):
+    """The cached images, or None when absent or unusable (then they are decoded again)."""
+    if not os.path.isfile(cache_path):
+        return None
+    try:
+        images = np.load(cache_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    usable = images.dtype == np.uint8 and images.ndim == 4 and images.shape[::3] == (num_images, 3)
+    return images if usable else None
+
+
+def _write_cache(cache_path, images):
+    """Atomic write: readers see the old file or the whole new one. An unwritable cache only warns."""
+    tmp_path = None
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(cache_path), suffix=".tmp", delete=False) as f:
+            tmp_path = f.name
+            np.save(f, images, allow_pickle=False)
+        os.replace(tmp_path, cache_path)
+    except OSError as e:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        warnings.warn(f"palm_jax: could not cache decoded images at {cache_path} ({e}); set PALM_JAX_CACHE "
+                      "to a writable folder to skip decoding next time", stacklevel=3)
+
+
+def synthetic_dataset(num_train=2000, num_eval=500, num_classes=10, image_size=32, seed=0) -> Dataset:
+    """Generated, learnable images: each class has a colour and a stripe pattern, plus per-image noise.
+
+    Patterns are symmetric under horizontal flips and survive pad-4 crops, so the usual augmentation keeps
+    the classes apart. `eval_split` is "val" (the eval images come from the same generator).
+    """
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(0.2, 0.8, (num_classes, 1, 1, 3))
+    frequency = rng.integers(1, 5, num_classes)  # stripes per image
+    vertical = rng.random(num_classes) < 0.5  # stripes along x or along y
+    grid = (np.arange(image_size) + 0.5) / image_size - 0.5  # symmetric about the centre: flip-invariant
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+
+    def draw(count):
+        labels = rng.integers(0, num_classes, count)
+        coords = np.where(vertical[labels, None, None], xx, yy)
+        stripes = np.cos(2 * np.pi * frequency[labels, None, None] * coords)[..., None]
+        images = colours[labels] + 0.15 * stripes + rng.normal(0.0, 0.12, (count, image_size, image_size, 3))
+        return np.clip(np.round(images * 255), 0, 255).astype(np.uint8), labels.astype(np.int32)
+
+    return Dataset("synthetic", *draw(num_train), *draw(num_eval), eval_split="val", num_classes=num_classes)
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def first_line(error):
+    """The first line of an exception's message (for one-line errors)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
