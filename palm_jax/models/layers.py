@@ -1,0 +1,117 @@
+"""Layer factories and initialisers shared by the Network Slimming CNNs.
+
+Initialisation follows Network Slimming (Liu et al., ICCV 2017, reference PyTorch code):
+
+    conv kernel ~ N(0, 2 / (k * k * out_channels))   (He normal over fan-out, untruncated)
+    BN scale = 0.5, BN bias = 0
+    Dense kernel ~ N(0, 0.01^2), Dense bias = 0
+
+BatchNorm uses PyTorch's defaults (momentum 0.1 there, i.e. 0.9 here; epsilon 1e-5). `dtype` is the compute
+dtype; parameters are always float32.
+"""
+
+import operator
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+bn_scale_init = nn.initializers.constant(0.5)
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, name: str, dtype=jnp.float32) -> nn.Conv:
+    """A bias-free square conv with PyTorch's symmetric padding `kernel_size // 2`."""
+    pad = kernel_size // 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, *, name: str, dtype=jnp.float32) -> nn.BatchNorm:
+    """BatchNorm over the channel (last) axis; batch statistics in train mode, running averages otherwise."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        scale_init=bn_scale_init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def dense(features: int, *, name: str, dtype=jnp.float32) -> nn.Dense:
+    """The classifier layer."""
+    return nn.Dense(
+        features,
+        kernel_init=dense_kernel_init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def bn_relu(x, train: bool, *, name: str, dtype=jnp.float32):
+    """Pre-activation: BatchNorm then ReLU."""
+    return nn.relu(batch_norm(train, name=name, dtype=dtype)(x))
+
+
+def classify(x, num_classes: int, *, pool: int, dtype=jnp.float32):
+    """NS head: average pool with window and stride `pool`, flatten, Dense. Returns float32 logits."""
+    x = nn.avg_pool(x, (pool, pool), strides=(pool, pool))
+    x = x.reshape((x.shape[0], -1))
+    return dense(num_classes, name="fc", dtype=dtype)(x).astype(jnp.float32)
+
+
+def set_widths(module: nn.Module, default: Sequence[int]) -> None:
+    """Resolve `module.widths` (None -> `default`) to a tuple of positive ints of the right length.
+
+    Call from a Linen module's `__post_init__` before `super().__post_init__()`; the attribute is set with
+    `object.__setattr__` because the module is not yet initialised then.
+    """
+    widths = default if module.widths is None else module.widths
+    name = type(module).__name__
+    try:
+        widths = tuple(operator.index(w) for w in widths)
+    except TypeError as err:
+        raise ValueError(f"{name}: widths must be a sequence of ints, got {module.widths!r}") from err
+    if len(widths) != len(default):
+        raise ValueError(
+            f"{name}: widths has {len(widths)} entries but this architecture has {len(default)} convs; "
+            f"pass one output width per conv in creation order (see palm_jax.models)"
+        )
+    bad = [i for i, w in enumerate(widths) if w <= 0]
+    if bad:
+        raise ValueError(f"{name}: widths must be positive, got {widths[bad[0]]} at index {bad[0]}")
+    object.__setattr__(module, "widths", widths)
+
+
+def bn_relu_conv(
+    x,
+    train: bool,
+    features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    bn_name: str,
+    conv_name: str,
+    dtype=jnp.float32,
+):
+    """Pre-activation unit of PreResNet and DenseNet: BN -> ReLU -> conv (no bias)."""
+    x = bn_relu(x, train, name=bn_name, dtype=dtype)
+    return conv(features, kernel_size, stride=stride, name=conv_name, dtype=dtype)(x)
