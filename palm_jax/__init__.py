@@ -25,6 +25,7 @@ _EXPORTS = {
     "PruneResult": "palm_jax.prune",
     "save_pruned": "palm_jax.prune",
     "load_pruned": "palm_jax.prune",
+    "PrunedCheckpointError": "palm_jax.prune",
     "models": "palm_jax.models",
 }
 
