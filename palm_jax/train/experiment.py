@@ -1,0 +1,248 @@
+"""One experiment from data to report: train (or resume), read the sparse scales, prune, fine-tune, report.
+
+run_dir/config.json              the TrainConfig (checked against on --resume)
+run_dir/checkpoints/<epoch>/     Orbax, last k + best; run_dir/checkpoints_finetune/ for fine-tuning
+run_dir/metrics.jsonl            one record per epoch (+ run_dir/tensorboard/ when tensorboard is installed)
+run_dir/pruned/                  the pruned (and fine-tuned) model, `palm_jax.load_pruned`-able
+run_dir/report.json, report.md   accuracies, channels, params, FLOPs, seconds; run_dir/plots/*.png
+"""
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import palm_jax.prune as pruning
+from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, normalize, synthetic_dataset
+from palm_jax.train import report
+from palm_jax.train.checkpoint import Checkpoints
+from palm_jax.train.config import ConfigError, TrainConfig
+from palm_jax.train.loop import Phase, fit
+from palm_jax.train.metrics import MetricsWriter, read_metrics
+from palm_jax.train.state import (
+    Apply,
+    build_model,
+    create_train_state,
+    init_variables,
+    lr_schedule,
+    make_optimizer,
+    sparse_params,
+)
+from palm_jax.train.step import DeviceData, EvalData, evaluate, to_device, to_eval_batches
+
+CONFIG_FILE = "config.json"
+DEFAULT_PRUNE_PERCENT = {"ns": {"vgg": 70.0, "resnet": 40.0, "densenet": 40.0}}  # NS: % of all channels
+
+
+class RunDirError(ConfigError):
+    """The run directory does not fit the request (e.g. checkpoints present without --resume)."""
+
+
+def load_data(cfg: TrainConfig) -> Dataset:
+    """The dataset `cfg` names, as host uint8 arrays (synthetic: generated; otherwise npz folder or TFDS)."""
+    if cfg.dataset == "synthetic":
+        return synthetic_dataset(
+            num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
+        )
+    return load_dataset(cfg.dataset, cfg.data_dir, train_images=cfg.train_images)
+
+
+def prune_percent(cfg: TrainConfig) -> float | None:
+    """The global percentage of channels to prune (NS), or None to prune exactly the zero scales."""
+    if cfg.prune_percent is not None:
+        return cfg.prune_percent
+    return DEFAULT_PRUNE_PERCENT.get(cfg.method, {}).get(cfg.model)
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """Create `run_dir`, or check that `--resume` continues the same experiment; write config.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_FILE
+    has_checkpoints = any((run_dir / "checkpoints").glob("[0-9]*"))
+    if not resume and has_checkpoints:
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if resume and config_path.exists():
+        mismatch = cfg.resume_mismatch(TrainConfig.load(config_path))
+        if mismatch:
+            raise RunDirError(
+                f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
+                "pass the same options or choose another --out"
+            )
+    cfg.save(config_path)
+
+
+def run_experiment(
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    callback: Callable[[int, int], None] | None = None,
+    on_data: Callable[[Dataset], None] | None = None,
+    log=print,
+) -> Path:
+    """Run (or resume) the experiment `cfg` in `run_dir`; returns the path of report.json.
+
+    `on_data(dataset)` runs once the data is loaded, before training; `callback(epoch, step)` after every
+    chunk of steps (see `fit`).
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    build_model(cfg, NUM_CLASSES.get(cfg.dataset, 10))  # a bad depth or widths fails here, before any work
+    prepare_run_dir(cfg, run_dir, resume)
+    dataset = load_data(cfg)
+    if len(dataset.train_labels) < cfg.batch_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} exceeds the {len(dataset.train_labels)} training images"
+        )
+    data = to_device(dataset.train_images, dataset.train_labels)
+    eval_data = to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size)
+    log(
+        f"data: {dataset.name}, {len(dataset.train_labels)} train / {eval_data.size} {dataset.eval_split} "
+        f"images; model: {cfg.model}-{cfg.depth}; method: {cfg.method}; device: {jax.devices()[0].platform}"
+    )
+    if on_data is not None:
+        on_data(dataset)
+
+    model = build_model(cfg, dataset.num_classes)
+    variables = init_variables(model, cfg.seed, data.images.shape[1:])
+
+    def train(model, variables, phase, epochs, method):
+        return train_phase(
+            cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback
+        )
+
+    state = train(model, variables, "train", cfg.epochs, cfg.method)
+    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data, cfg.compute_dtype)["accuracy"]
+
+    # the trained model's accuracy is the last epoch's eval (same params, same split)
+    accuracy = {
+        "trained": read_metrics(run_dir, "train")[-1]["eval_accuracy"],
+        "sparse": None,
+        "finetuned": None,
+    }
+    sparse = sparse_params(state, cfg.method)
+    if cfg.method == "prox":
+        accuracy["sparse"] = top1(state.apply_fn, state.variables(sparse))
+    percent = prune_percent(cfg)
+    probe = normalize(dataset.eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
+    result = pruning.prune(model, state.variables(sparse), percent=percent, probe=probe)
+    if result.model.widths == model.widths:  # nothing removed: the same function as the sparse model
+        accuracy["pruned"] = accuracy["sparse"] if cfg.method == "prox" else accuracy["trained"]
+    else:
+        accuracy["pruned"] = top1(Apply(result.model), result.variables)
+    if cfg.finetune_epochs:
+        tuned = train(result.model, result.variables, "finetune", cfg.finetune_epochs, "baseline")
+        result = result._replace(variables=tuned.variables())
+        accuracy["finetuned"] = top1(tuned.apply_fn, tuned.variables())
+    save_pruned(run_dir / "pruned", result)
+
+    records = read_metrics(run_dir)
+    xi = sparse if cfg.method == "prox" else None
+    try:
+        from palm_jax.train import plots  # matplotlib: optional on a bare accelerator machine
+    except ImportError as err:
+        log(f"plots skipped: {err}")
+    else:
+        plots.write_all(run_dir / "plots", state.params, xi, result.report, records, dataset.eval_split)
+    seconds = {
+        "train": sum(r["seconds"] for r in records if r["phase"] == "train"),
+        "total": time.perf_counter() - started,
+    }
+    summary = report.build(cfg, dataset, accuracy, result.report, percent, seconds=seconds)
+    return report.write(run_dir, summary)
+
+
+def train_phase(
+    cfg: TrainConfig,
+    model,
+    variables: dict,
+    data: DeviceData,
+    eval_data: EvalData,
+    run_dir: Path,
+    phase: str,
+    epochs: int,
+    method: str,
+    resume: bool,
+    callback: Callable[[int, int], None] | None,
+):
+    """Train `model` from `variables` for `epochs` (resuming from this phase's latest checkpoint if asked).
+
+    Fine-tuning (`phase` "finetune") starts at `cfg.finetune_lr` when given and uses its own seed.
+    """
+    steps = epochs * (int(data.labels.shape[0]) // cfg.batch_size)
+    lr = cfg.finetune_lr if phase != "train" and cfg.finetune_lr is not None else cfg.lr
+    tx = make_optimizer(cfg.replace(lr=lr), steps, method)
+    state = create_train_state(model, tx, variables, cfg.seed if phase == "train" else cfg.seed + 1)
+    directory = run_dir / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
+    checkpoints = Checkpoints(directory, cfg.keep_checkpoints)
+    start = 0
+    if resume and checkpoints.latest_epoch() is not None:
+        state, meta = checkpoints.restore(state)
+        start = int(meta["epoch"])
+    metrics = MetricsWriter(run_dir, keep_until=(phase, start))
+    spec = Phase(
+        name=phase,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        method=method,
+        l1=0.0 if method == "baseline" else cfg.l1,
+        lr_fn=lr_schedule(lr, steps, cfg.lr_drops),
+        dtype=cfg.compute_dtype,
+        steps_per_dispatch=cfg.steps_per_dispatch,
+    )
+    meta = {"phase": phase, "config": cfg.to_dict()}
+    try:
+        return fit(
+            state,
+            data,
+            eval_data,
+            spec,
+            checkpoints,
+            metrics,
+            start_epoch=start,
+            meta=meta,
+            callback=callback,
+        )
+    finally:
+        metrics.close()
+        checkpoints.close()
+
+
+def save_pruned(path: Path, result) -> None:
+    """`palm_jax.save_pruned` into a fresh folder, then swapped in place of `path` (a rerun replaces it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pruning.save_pruned(tmp, result)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_trained(run_dir: Path, epoch: int | None = None, *, best: bool = False, image_shape=(32, 32, 3)):
+    """(config, train state, epoch) of a run's checkpoint: `epoch`, else the best or the latest one."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.load(run_dir / CONFIG_FILE)
+    model = build_model(cfg, NUM_CLASSES.get(cfg.dataset, 10))
+    checkpoints = Checkpoints(run_dir / "checkpoints", read_only=True)
+    if epoch is None:
+        epoch = checkpoints.best_epoch() if best else checkpoints.latest_epoch()
+    tx = make_optimizer(cfg, total_steps=1)  # the schedule's length changes no array of the state
+
+    def template():
+        return create_train_state(
+            model, tx, model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False), cfg.seed
+        )
+
+    state, _ = checkpoints.restore(jax.eval_shape(template), epoch)
+    checkpoints.close()
+    return cfg, state, epoch
+
+
+def accuracy_of(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int, dtype) -> float:
+    """Top-1 accuracy of `model` with `variables` on host arrays (for the eval command)."""
+    return evaluate(Apply(model), variables, to_eval_batches(images, labels, batch_size), dtype)["accuracy"]

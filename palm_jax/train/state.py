@@ -1,0 +1,157 @@
+"""The train state (params, BN statistics, optimiser state, step, rng) and the optimiser of each method."""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from palm_jax import masks, prox
+from palm_jax.models import VGG, DenseNet, PreResNet
+from palm_jax.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Apply:
+    """`model.apply` with value equality: equal models then share compiled steps (jit keys on static fields,
+    and bound methods of equal Flax modules compare unequal)."""
+
+    model: Any
+
+    def __call__(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs)
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step reads and writes. `rng` is the run's root key: the step derives its augmentation key
+    from (rng, step), so a restored state replays the same randomness. `apply_fn` (an `Apply`) and `tx` are
+    static."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    apply_fn: Any = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def variables(self, params=None) -> dict:
+        """Flax variables for `apply_fn`, optionally with other params (e.g. the sparse ones)."""
+        return {"params": self.params if params is None else params, "batch_stats": self.batch_stats}
+
+    def checkpoint_tree(self) -> dict:
+        """The arrays a checkpoint holds, as nested dicts (no NamedTuples, so Orbax stores them plainly)."""
+        fields = ("step", "params", "batch_stats", "opt_state", "rng")
+        return {name: flax.serialization.to_state_dict(getattr(self, name)) for name in fields}
+
+    def from_checkpoint_tree(self, tree: dict) -> "TrainState":
+        """This state with every array replaced by the one in `tree` (same structure as `checkpoint_tree`)."""
+        restored = {
+            name: flax.serialization.from_state_dict(getattr(self, name), tree[name]) for name in tree
+        }
+        return self.replace(**restored)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, widths=None):
+    """The Linen module that `cfg` names, computing in `cfg.dtype` (parameters stay float32)."""
+    widths = cfg.widths if widths is None else widths
+    common = dict(depth=cfg.depth, num_classes=num_classes, widths=widths, dtype=cfg.compute_dtype)
+    if cfg.model == "vgg":
+        return VGG(**common)
+    if cfg.model == "resnet":
+        return PreResNet(**common)
+    return DenseNet(growth_rate=cfg.growth_rate, **common)
+
+
+def lr_schedule(lr: float, total_steps: int, drops=(0.5, 0.75)) -> optax.Schedule:
+    """`lr` divided by 10 at each fraction of `total_steps` in `drops` (the NS recipe: 50% and 75%)."""
+    return optax.piecewise_constant_schedule(lr, {int(total_steps * f): 0.1 for f in drops})
+
+
+def make_optimizer(
+    cfg: TrainConfig, total_steps: int, method: str | None = None
+) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay (on every parameter, as in NS) plus the method's sparsity link.
+
+    prox:     decay -> sgd -> palm_prox(l1, beta)     (PALM; xi in the optimiser state holds the exact zeros)
+    ista:     decay -> sgd -> soft_threshold(l1)      (proximal SGD on the scales)
+    ns:       l1_subgradient(l1) -> decay -> sgd      (Network Slimming's subgradient)
+    baseline: decay -> sgd
+
+    Equal arguments give the same (cached) object, so runs in one process share compiled steps.
+    """
+    method = cfg.method if method is None else method
+    return _optimizer(
+        method, cfg.l1, cfg.beta, cfg.lr, cfg.lr_drops, cfg.momentum, cfg.weight_decay, total_steps
+    )
+
+
+@functools.cache
+def _optimizer(method, l1, beta, lr, drops, momentum, weight_decay, total_steps):
+    schedule = lr_schedule(lr, total_steps, drops)
+    sgd = [optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)]
+    if method == "prox":
+        return optax.chain(*sgd, prox.palm_prox(l1, beta, learning_rate=schedule))
+    if method == "ista":
+        return optax.chain(*sgd, prox.soft_threshold(l1, learning_rate=schedule))
+    if method == "ns":
+        return optax.chain(prox.l1_subgradient(l1), *sgd)
+    return optax.chain(*sgd)
+
+
+def init_variables(model, seed: int, image_shape) -> dict:
+    """Fresh variables for `model` on inputs of `image_shape` (H, W, C), from `seed`.
+
+    One compiled program with an "rbg" key: XLA:CPU takes tens of seconds to compile Flax's initialisers
+    on threefry keys, a few seconds on rbg keys (the run's data and augmentation keys stay threefry).
+    """
+    return _init_fn(model, tuple(image_shape))(jax.random.key(seed, impl="rbg"))
+
+
+@functools.cache
+def _init_fn(model, image_shape):
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+
+
+def create_train_state(model, tx, variables: dict, seed: int) -> TrainState:
+    """Step 0 of a run: optimiser state initialised from `variables["params"]`, root key from `seed`.
+
+    The arrays are copied: the train step donates the state's buffers, and `variables` stays usable.
+    """
+    params, batch_stats = jax.tree.map(jnp.copy, (variables["params"], variables.get("batch_stats", {})))
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        apply_fn=Apply(model),
+        tx=tx,
+    )
+
+
+def sparse_params(state: TrainState, method: str):
+    """The params whose BN scales carry the method's exact zeros: xi for prox, else the params themselves."""
+    return prox.sparse_scales(state.params, state.opt_state) if method == "prox" else state.params
+
+
+def scale_leaves(params) -> list[tuple[str, jax.Array]]:
+    """(layer path, scale vector) of every BatchNorm scale in `params`, in tree order."""
+    with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    selected = masks.selection(params)
+    return [
+        ("/".join(masks.leaf_path(path)[:-1]), leaf)
+        for (path, leaf), keep in zip(with_paths, selected, strict=True)
+        if keep
+    ]
+
+
+def zero_fraction(params) -> jax.Array:
+    """Fraction of all BatchNorm scale entries in `params` that are exactly 0.0."""
+    scales = [leaf for _, leaf in scale_leaves(params)]
+    zeros = sum(jnp.sum(s == 0) for s in scales)
+    return zeros / sum(s.size for s in scales)

@@ -1,0 +1,104 @@
+"""The command line: train's last line, the eval command, one-line errors with exit status 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import TINY_ARGS, scratch_dir, tiny_run
+
+from palm_jax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None):
+    """`python -m palm_jax.cli ARGS` in a fresh process: (exit status, stdout, stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    env.pop("PALM_JAX_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "palm_jax.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_train_prints_the_report_path_last():
+    run_dir, printed = tiny_run()
+    assert printed.strip().splitlines()[-1] == f"report: {run_dir / 'report.json'}"
+
+
+def test_eval_of_a_run_and_of_its_pruned_model(capsys):
+    run_dir, _ = tiny_run()
+    report = json.loads((run_dir / "report.json").read_text())
+    for checkpoint, out, expected in [
+        (run_dir, run_dir / "eval.json", report["accuracy"]["trained"]),
+        (run_dir / "checkpoints" / "2", run_dir / "eval.json", report["accuracy"]["trained"]),
+        (run_dir / "pruned", run_dir / "pruned" / "eval.json", report["accuracy"]["finetuned"]),
+    ]:
+        assert cli.main(["eval", str(checkpoint)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[-1] == f"eval: {out}"
+        result = json.loads(out.read_text())
+        assert result["accuracy"] == expected and result["split"] == "val" and result["images"] == 100
+        assert lines[-2].startswith(f"top-1 accuracy: {100 * expected:.2f}% on 100 val images")
+    assert json.loads((run_dir / "eval.json").read_text())["accuracy_sparse"] == report["accuracy"]["sparse"]
+
+
+def test_offline_without_data_is_one_line_naming_data_dir(tmp_path):
+    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "PALM_JAX_TFDS_DOWNLOAD": "0"}
+    code, _, stderr = run_cli(
+        "train", "--dataset", "cifar10", "--epochs", "1", "--out", str(tmp_path / "run"), env=env
+    )
+    assert_one_line_error(code, stderr, "--data-dir", "DATA_DIR")
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    code, _, stderr = run_cli("train", "--method", "magic", "--out", str(tmp_path / "a"))
+    assert_one_line_error(code, stderr, "--method", "prox")
+    cases = [
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--recipe", "nope"], "demo"),
+        (["train", "--prune-percent", "170"], "--prune-percent"),
+        (["train", "--model", "resnet", "--depth", "19"], "depth"),
+        (["eval", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for args, word in cases:
+        assert cli.main([*args, "--out", str(tmp_path / "b")] if args[0] == "train" else args) == 2, args
+        assert_one_line_error(2, capsys.readouterr().err, word)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--epochs", "two"])
+    assert exit_info.value.code == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--epochs")
+
+
+def test_resume_with_other_options_and_foreign_checkpoints_are_one_line(capsys):
+    run_dir, _ = tiny_run()
+    # a finished run rerun without --resume, or resumed with a different recipe
+    assert cli.main(["train", *TINY_ARGS, "--out", str(run_dir)]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--resume")
+    assert cli.main(["train", *TINY_ARGS, "--epochs", "3", "--out", str(run_dir), "--resume"]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "epochs: saved 2, now 3")
+    # a run directory whose checkpoints belong to another model
+    foreign = scratch_dir("foreign")
+    shutil.copytree(run_dir / "checkpoints", foreign / "checkpoints")
+    config = json.loads((run_dir / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config, "widths": [8] * 8}))
+    assert cli.main(["eval", str(foreign)]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "does not fit")

@@ -1,0 +1,268 @@
+"""The training pipeline end to end on generated data: each method, exact resume, NaN handling."""
+
+import dataclasses
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_helpers import STEPS_PER_EPOCH, TF_IMPORTED_BY_TRAINING, scratch_dir, tiny_run
+
+from palm_jax.prune import load_pruned
+from palm_jax.train import Checkpoints, Phase, TrainConfig, TrainingDiverged, fit, run_experiment
+from palm_jax.train.experiment import accuracy_of, load_data, load_trained
+from palm_jax.train.metrics import MetricsWriter, read_metrics
+from palm_jax.train.state import (
+    build_model,
+    create_train_state,
+    init_variables,
+    lr_schedule,
+    make_optimizer,
+    scale_leaves,
+    sparse_params,
+)
+from palm_jax.train.step import to_device, to_eval_batches, train_chunk
+
+REPORT_KEYS = {
+    "method",
+    "model",
+    "dataset",
+    "split",
+    "epochs",
+    "accuracy",
+    "channels",
+    "params",
+    "flops",
+    "seconds",
+}
+RECORD_KEYS = {
+    "phase",
+    "epoch",
+    "step",
+    "loss",
+    "objective",
+    "train_accuracy",
+    "eval_loss",
+    "eval_accuracy",
+    "lr",
+    "zero_fraction",
+    "seconds",
+}
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return TrainConfig.load(tiny_run()[0] / "config.json").replace(**changes)
+
+
+def check_run(run_dir, cfg) -> dict:
+    """What every finished run must hold; returns its report."""
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert (report["method"], report["model"], report["dataset"], report["split"]) == (
+        cfg.method,
+        f"vgg{cfg.depth}",
+        "synthetic",
+        "val",
+    )
+    assert set(report["accuracy"]) == {"trained", "sparse", "pruned", "finetuned"}
+    assert (report["accuracy"]["sparse"] is None) == (cfg.method != "prox")
+    assert (report["accuracy"]["finetuned"] is None) == (cfg.finetune_epochs == 0)
+    for what in ("channels", "params", "flops"):
+        assert 0 < report[what]["after"] <= report[what]["before"]
+    assert report["seconds"]["total"] >= report["seconds"]["train"] > 0
+    assert "| Top-1 accuracy (%, val) |" in (run_dir / "report.md").read_text()
+    for name in ("scales", "channels", "curves"):
+        assert (run_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    records = read_metrics(run_dir, "train")
+    assert [r["epoch"] for r in records] == list(range(1, cfg.epochs + 1))
+    assert [r["step"] for r in records] == [STEPS_PER_EPOCH * e for e in range(1, cfg.epochs + 1)]
+    for r in records:
+        assert set(r) >= RECORD_KEYS and all(np.isfinite(r[k]) for k in RECORD_KEYS - {"phase"})
+    assert records[0]["lr"] == pytest.approx(cfg.lr)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # the saved pruned model is the one the report measured (fine-tuned when the run fine-tuned)
+    pruned = load_pruned(run_dir / "pruned")
+    data = load_data(cfg)
+    acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500, jnp.float32)
+    assert acc == report["accuracy"]["finetuned" if cfg.finetune_epochs else "pruned"]
+    return report
+
+
+def test_training_imports_no_tensorflow():
+    tiny_run()
+    assert not TF_IMPORTED_BY_TRAINING
+
+
+def test_prox_prunes_exactly_the_zero_xi_channels():
+    run_dir, _ = tiny_run()
+    cfg = tiny_config()
+    report = check_run(run_dir, cfg)
+    _, state, epoch = load_trained(run_dir)
+    assert epoch == cfg.epochs
+    xi = scale_leaves(sparse_params(state, "prox"))
+    nonzero = [int(np.count_nonzero(v)) for _, v in xi]
+    assert sum(nonzero) < report["channels"]["before"], "the tiny run must zero some xi"
+    # VGG: conv i feeds bn i; a channel is kept iff its xi is nonzero (at least one per layer)
+    assert [r["after"] for r in report["channels_per_layer"]] == [max(1, n) for n in nonzero]
+    zeros = 1 - sum(nonzero) / sum(v.size for _, v in xi)
+    assert read_metrics(run_dir, "train")[-1]["zero_fraction"] == pytest.approx(zeros)
+    finetune = read_metrics(run_dir, "finetune")
+    assert [r["epoch"] for r in finetune] == [1] and finetune[0]["lr"] == pytest.approx(cfg.finetune_lr)
+    # objective = loss + l1 * sum|gamma| (the params' scales, not xi)
+    first = read_metrics(run_dir, "train")[0]
+    assert first["objective"] > first["loss"]
+
+
+@pytest.mark.parametrize("method", ["ns", "ista", "baseline"])
+def test_other_methods_end_to_end(method):
+    cfg = tiny_config(
+        method=method,
+        epochs=1,
+        finetune_epochs=0,
+        l1={"ns": 1.5, "ista": 3.0, "baseline": 0.0}[method],
+        prune_percent=50.0 if method == "ns" else None,
+    )
+    run_dir = scratch_dir(method) / "run"
+    run_experiment(cfg, run_dir, log=lambda *_: None)
+    report = check_run(run_dir, cfg)
+    record = read_metrics(run_dir, "train")[-1]
+    _, state, _ = load_trained(run_dir)
+    scales = [np.asarray(v) for _, v in scale_leaves(state.params)]
+    zero_fraction = sum(int((v == 0).sum()) for v in scales) / sum(v.size for v in scales)
+    assert record["zero_fraction"] == pytest.approx(zero_fraction)
+    if method == "ns":  # NS's global rule: half of all channels by |scale|, at least one per layer
+        assert report["prune"]["percent"] == 50.0
+        assert report["channels"]["after"] <= report["channels"]["before"] // 2 + len(scales)
+    if method == "ista":  # soft thresholding leaves exact zeros in the params themselves
+        assert zero_fraction > 0
+        assert [r["after"] for r in report["channels_per_layer"]] == [
+            max(1, np.count_nonzero(v)) for v in scales
+        ]
+    if method == "baseline":
+        assert record["objective"] == record["loss"] and zero_fraction == 0
+        assert report["channels"]["after"] == report["channels"]["before"]
+
+
+def assert_same_trees(got, want):
+    """Bit-identical on CPU (what resume promises there); within float tolerance on accelerators."""
+    flat = jax.tree_util.tree_flatten_with_path(want)[0]
+    for (path, a), b in zip(flat, jax.tree.leaves(got), strict=True):
+        a, b, where = np.asarray(a), np.asarray(b), jax.tree_util.keystr(path)
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(b, a, err_msg=where)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, err_msg=where)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run():
+    reference, _ = tiny_run()
+    cfg = tiny_config()
+    run_dir = scratch_dir("resume") / "run"
+
+    def kill(epoch, step):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_experiment(cfg, run_dir, callback=kill, log=lambda *_: None)
+    assert Checkpoints(run_dir / "checkpoints", read_only=True).all_epochs() == [1]
+    run_experiment(cfg, run_dir, resume=True, log=lambda *_: None)
+
+    for epoch in (1, 2):
+        (_, want, _), (_, got, _) = load_trained(reference, epoch), load_trained(run_dir, epoch)
+        assert_same_trees(got.checkpoint_tree(), want.checkpoint_tree())
+    assert_same_trees(load_pruned(run_dir / "pruned").variables, load_pruned(reference / "pruned").variables)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+
+
+def loop_setup(run_dir):
+    """The tiny run's model, optimizer and data for calling `fit` directly (its compiled steps are reused)."""
+    cfg = tiny_config()
+    data = load_data(cfg)
+    model = build_model(cfg, data.num_classes)
+    steps = cfg.epochs * STEPS_PER_EPOCH
+    variables = init_variables(model, cfg.seed, (32, 32, 3))
+    state = create_train_state(model, make_optimizer(cfg, steps), variables, cfg.seed)
+    phase = Phase(
+        "train", cfg.epochs, cfg.batch_size, "prox", cfg.l1, lr_schedule(cfg.lr, steps, cfg.lr_drops)
+    )
+    train = to_device(data.train_images, data.train_labels)
+    evaluation = to_eval_batches(data.eval_images, data.eval_labels, 500)
+    return state, train, evaluation, phase, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint():
+    state, train, evaluation, phase, checkpoints, metrics = loop_setup(run_dir := scratch_dir("nan"))
+    state = fit(state, train, evaluation, dataclasses.replace(phase, epochs=1), checkpoints, metrics)
+    good = jax.device_get(state.checkpoint_tree())
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    poisoned = state.replace(params=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params))
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {STEPS_PER_EPOCH + 1} \(epoch 2\)"):
+        fit(poisoned, train, evaluation, phase, checkpoints, metrics, start_epoch=1)
+    assert checkpoints.all_epochs() == [1]
+    restored, meta = checkpoints.restore(template, 1)
+    assert meta["epoch"] == 1
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(restored.checkpoint_tree()), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), a)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    state, train, evaluation, phase, checkpoints, metrics = loop_setup(scratch_dir("lines"))
+    fit(state, train, evaluation, dataclasses.replace(phase, epochs=1), checkpoints, metrics)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"train: {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} steps, ETA 0 s, epoch=1, loss=")
+
+
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
+    cfg = tiny_config(dtype="bfloat16")
+    data = load_data(cfg)
+    model = build_model(cfg, data.num_classes)
+    state = create_train_state(model, make_optimizer(cfg, 8), init_variables(model, cfg.seed, (32, 32, 3)), 0)
+    train = to_device(data.train_images, data.train_labels)
+    idx = jnp.arange(2 * cfg.batch_size, dtype=jnp.int32).reshape(2, cfg.batch_size)
+    lowered = train_chunk.lower(state, train, idx, jnp.int32(2), dtype=cfg.compute_dtype).as_text()
+    assert re.search(r"stablehlo.convolution.*-> tensor<32x32x32x4xbf16>", lowered)  # the first conv, in bf16
+    state, metrics = train_chunk(state, train, idx, jnp.int32(2), dtype=cfg.compute_dtype)
+    assert np.all(np.isfinite(metrics["loss"]))
+    xi = sparse_params(state, "prox")
+    for tree in (state.params, state.batch_stats, xi):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype("float32")}
+
+
+def test_many_steps_per_dispatch_equal_one_step_per_dispatch():
+    # 5 steps per epoch in dispatches of up to 3: chunks of 3 and 2 steps, one compiled loop program
+    cfg = tiny_config(synthetic_images=160)
+    data = load_data(cfg)
+    model = build_model(cfg, data.num_classes)
+    variables = init_variables(model, cfg.seed, (32, 32, 3))
+    train, evaluation = (
+        to_device(data.train_images, data.train_labels),
+        to_eval_batches(data.eval_images, data.eval_labels, 500),
+    )
+    results = []
+    for per_dispatch in (1, 3):
+        state = create_train_state(model, make_optimizer(cfg, 5), variables, cfg.seed)
+        phase = Phase(
+            "train", 1, cfg.batch_size, "prox", cfg.l1, lr_schedule(cfg.lr, 5), jnp.float32, per_dispatch
+        )
+        run_dir = scratch_dir(f"chunks{per_dispatch}")
+        state = fit(
+            state, train, evaluation, phase, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir)
+        )
+        results.append((jax.device_get(state.checkpoint_tree()), read_metrics(run_dir)[0]))
+    (one, one_record), (three, three_record) = results
+    assert three_record["step"] == one_record["step"] == 5
+    for key in ("loss", "objective", "train_accuracy", "eval_accuracy", "zero_fraction"):
+        assert three_record[key] == pytest.approx(one_record[key], rel=1e-4), key
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
