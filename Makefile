@@ -40,8 +40,9 @@ lint: $(SETUP)
 # make cifar10-vgg19 [DATA_DIR=dir] [EPOCHS=n] [BATCH=n] [TRAIN_IMAGES=n] [OUT=dir] [ARGS='--dtype bfloat16']
 # Data: DATA_DIR holds train.npz [test.npz] (e.g. ../shared/data/cifar10-jpeg); without it, TensorFlow Datasets.
 # A target reruns as a resume: an interrupted run continues from its last checkpoint, a finished one only
-# rewrites its report. OUT defaults to runs/<target>[-e<EPOCHS>][-n<TRAIN_IMAGES>][-b<BATCH>]; delete it to
-# start over. Without an accelerator a full-size target says so at once, with its estimated time, and runs on.
+# rewrites its report. OUT defaults to runs/<target>[-<DATA_DIR name>][-e<EPOCHS>][-n<TRAIN_IMAGES>][-b<BATCH>];
+# delete it to start over. Without an accelerator a full-size target says so before training, with its
+# estimated time, and runs on.
 DATA_DIR ?=
 EPOCHS ?=
 BATCH ?=
@@ -50,7 +51,8 @@ OUT ?=
 ARGS ?=
 EXPERIMENTS := cifar10-vgg19 cifar10-vgg19-ns cifar10-vgg19-baseline cifar10-resnet164 cifar10-densenet40 \
 	cifar100-vgg19 cifar100-vgg19-ns cifar100-vgg19-baseline cifar100-resnet164 cifar100-densenet40
-run_dir = $(or $(OUT),runs/$(1)$(if $(EPOCHS),-e$(EPOCHS))$(if $(TRAIN_IMAGES),-n$(TRAIN_IMAGES))$(if $(BATCH),-b$(BATCH)))
+run_dir = $(or $(OUT),runs/$(1)$(if $(DATA_DIR),-$(notdir $(abspath $(DATA_DIR))))$(if $(EPOCHS),-e$(EPOCHS))$(if \
+	$(TRAIN_IMAGES),-n$(TRAIN_IMAGES))$(if $(BATCH),-b$(BATCH)))
 train_args = --out $(call run_dir,$(1)) --resume $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) \
 	$(if $(TRAIN_IMAGES),--train-images $(TRAIN_IMAGES)) $(ARGS)

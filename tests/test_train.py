@@ -181,6 +181,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run():
     assert_same_trees(load_pruned(run_dir / "pruned").variables, load_pruned(reference / "pruned").variables)
     strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
+    check_run(run_dir, cfg)  # the report of the resumed run, its seconds including the killed run's epoch
 
 
 def loop_setup(run_dir):
@@ -266,3 +267,26 @@ def test_many_steps_per_dispatch_equal_one_step_per_dispatch():
         assert three_record[key] == pytest.approx(one_record[key], rel=1e-4), key
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_keep_the_last_k_and_the_best():
+    state = loop_setup(run_dir := scratch_dir("keep"))[0]
+    checkpoints = Checkpoints(run_dir / "kept", keep=2)
+    for epoch, accuracy in enumerate([0.5, 0.9, 0.3, 0.4, 0.2], start=1):
+        checkpoints.save(epoch, state.replace(step=jnp.int32(epoch)), {}, {"eval_accuracy": accuracy})
+        checkpoints.wait()
+    assert checkpoints.all_epochs() == [2, 4, 5] and checkpoints.best_epoch() == 2
+    assert sorted(p.name for p in (run_dir / "kept").iterdir()) == ["2", "4", "5"]  # no temporary folders
+    restored, meta = Checkpoints(run_dir / "kept", read_only=True).restore(state, 2)
+    assert int(restored.step) == 2 and meta["epoch"] == 2
+
+
+def test_without_matplotlib_the_run_skips_only_the_plots(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a bare accelerator machine
+    monkeypatch.setitem(sys.modules, "palm_jax.train.plots", None)
+    cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0)
+    run_dir = scratch_dir("noplots") / "run"
+    logged = []
+    run_experiment(cfg, run_dir, log=logged.append)
+    assert (run_dir / "report.json").exists() and not (run_dir / "plots").exists()
+    assert logged[-1].startswith("plots skipped")

@@ -14,24 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-WIDTHS = "4,8,8,8,8,8,8,8"
 TINY_ARGS = [
-    "--recipe",
-    "demo",
-    "--widths",
-    WIDTHS,
-    "--synthetic-images",
-    "128",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "32",
-    "--l1",
-    "1.5",
-    "--beta",
-    "1",
-    "--finetune-epochs",
-    "1",
+    *("--recipe", "demo", "--widths", "4,8,8,8,8,8,8,8", "--synthetic-images", "128", "--epochs", "2"),
+    *("--batch-size", "32", "--l1", "1.5", "--beta", "1", "--finetune-epochs", "1"),
 ]
 STEPS_PER_EPOCH = 4
 

@@ -112,10 +112,17 @@ def run_experiment(
     model = build_model(cfg, dataset.num_classes)
     variables = init_variables(model, cfg.seed, data.images.shape[1:])
 
+    in_fit = 0.0  # seconds of this invocation spent in train_phase (its epochs are in the metrics)
+
     def train(model, variables, phase, epochs, method):
-        return train_phase(
-            cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback
-        )
+        nonlocal in_fit
+        start = time.perf_counter()
+        try:
+            return train_phase(
+                cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback
+            )
+        finally:
+            in_fit += time.perf_counter() - start
 
     state = train(model, variables, "train", cfg.epochs, cfg.method)
     top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data, cfg.compute_dtype)["accuracy"]
@@ -150,9 +157,10 @@ def run_experiment(
         log(f"plots skipped: {err}")
     else:
         plots.write_all(run_dir / "plots", state.params, xi, result.report, records, dataset.eval_split)
+    # epochs count with the time they took, also those of earlier invocations when resumed
     seconds = {
         "train": sum(r["seconds"] for r in records if r["phase"] == "train"),
-        "total": time.perf_counter() - started,
+        "total": time.perf_counter() - started - in_fit + sum(r["seconds"] for r in records),
     }
     summary = report.build(cfg, dataset, accuracy, result.report, percent, seconds=seconds)
     return report.write(run_dir, summary)

@@ -47,7 +47,8 @@ class Phase:
 
 
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:
-    """1 on CPU (a step is long; the bar moves each step), up to 100 elsewhere (steps are launch-bound)."""
+    """1 on CPU (XLA:CPU runs a step inside a loop program several times slower), else up to 100 (launch-bound
+    steps)."""
     return 1 if jax.default_backend() == "cpu" else min(100, steps_per_epoch)
 
 
@@ -138,49 +139,21 @@ def fit(
     `callback(epoch, step)` runs after every chunk (tests use it to interrupt a run). Raises TrainingDiverged
     with the step number when a loss is not finite; the checkpoints already written stay as they are.
     """
-    num_examples = int(data.labels.shape[0])
-    steps = num_examples // phase.batch_size
-    num_chunks, chunk = chunk_layout(steps, phase.steps_per_dispatch or default_steps_per_dispatch(steps))
-    step = start_epoch * steps
-    bar = progress_bar(phase.epochs * steps, step, phase.name)
+    steps = int(data.labels.shape[0]) // phase.batch_size
+    bar = progress_bar(phase.epochs * steps, start_epoch * steps, phase.name)
     try:
         for epoch in range(start_epoch + 1, phase.epochs + 1):
-            start, lr = (
-                time.perf_counter(),
-                float(f"{float(phase.lr_fn(step)):.7g}"),
-            )  # float32 -> 0.1, not 0.10000000149
-            order = epoch_batches(state.rng, epoch, num_examples, phase.batch_size, num_chunks * chunk)
-            totals = {"loss": 0.0, "objective": 0.0, "correct": 0}
-            pending = None  # metrics of the previous chunk, read after the next one is dispatched
-            for c in range(num_chunks + 1):
-                if c < num_chunks:
-                    n = min(chunk, steps - c * chunk)
-                    state, out = train_chunk(
-                        state, data, order[c * chunk : (c + 1) * chunk], jnp.int32(n), dtype=phase.dtype
-                    )
-                if pending is not None:
-                    first, n_prev, prev = pending
-                    _accumulate(totals, jax.device_get(prev), n_prev, first, epoch, phase.l1, checkpoints)
-                    done = first + n_prev - (epoch - 1) * steps
-                    bar.update(n_prev)
-                    bar.set_postfix(
-                        epoch=epoch,
-                        loss=f"{totals['loss'] / done:.4f}",
-                        acc=f"{totals['correct'] / (done * phase.batch_size):.3f}",
-                        refresh=False,
-                    )
-                    if callback is not None:
-                        callback(epoch, first + n_prev)
-                pending = (step, n, out) if c < num_chunks else None
-                step += n if c < num_chunks else 0
+            start = time.perf_counter()
+            lr = float(f"{float(phase.lr_fn((epoch - 1) * steps)):.7g}")  # float32 0.1, not 0.10000000149
+            state, totals = _train_epoch(state, data, phase, epoch, checkpoints, bar, callback)
             zeros, finite = jax.device_get(epoch_summary(state, phase.method))
             if not finite:
-                _diverged("a parameter is not finite", step, epoch, checkpoints)
+                _diverged("a parameter is not finite", epoch * steps, epoch, checkpoints)
             evaluation = evaluate(state.apply_fn, state.variables(), eval_data, phase.dtype)
             record = {
                 "phase": phase.name,
                 "epoch": epoch,
-                "step": step,
+                "step": epoch * steps,
                 "loss": totals["loss"] / steps,
                 "objective": totals["objective"] / steps,
                 "train_accuracy": totals["correct"] / (steps * phase.batch_size),
@@ -201,6 +174,35 @@ def fit(
         bar.close()
         checkpoints.wait()
     return state
+
+
+def _train_epoch(state, data, phase: Phase, epoch: int, checkpoints, bar, callback):
+    """One epoch in chunks; each chunk's metrics are read after the next chunk is dispatched (the device keeps
+    busy). Returns the state and the epoch's summed loss, objective and correct count."""
+    num_examples = int(data.labels.shape[0])
+    steps = num_examples // phase.batch_size
+    num_chunks, chunk = chunk_layout(steps, phase.steps_per_dispatch or default_steps_per_dispatch(steps))
+    order = epoch_batches(state.rng, epoch, num_examples, phase.batch_size, num_chunks * chunk)
+    totals = {"loss": 0.0, "objective": 0.0, "correct": 0}
+    first = (epoch - 1) * steps  # steps done before this epoch
+    pending = []
+    for c in range(num_chunks + 1):
+        if c < num_chunks:
+            n = min(chunk, steps - c * chunk)
+            rows = order[c * chunk : (c + 1) * chunk]
+            state, out = train_chunk(state, data, rows, jnp.int32(n), dtype=phase.dtype)
+            pending.append((n, out))
+        if len(pending) == 2 or (c == num_chunks and pending):
+            n_done, out_done = pending.pop(0)
+            _accumulate(totals, jax.device_get(out_done), n_done, first, epoch, phase.l1, checkpoints)
+            first += n_done
+            done = first - (epoch - 1) * steps
+            bar.update(n_done)
+            loss, acc = totals["loss"] / done, totals["correct"] / (done * phase.batch_size)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
+            if callback is not None:
+                callback(epoch, first)
+    return state, totals
 
 
 def _accumulate(totals: dict, out: dict, n: int, first_step: int, epoch: int, l1: float, checkpoints) -> None:
