@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from train_helpers import STEPS_PER_EPOCH, TF_IMPORTED_BY_TRAINING, scratch_dir, tiny_run
 
+import palm_jax.train
 from palm_jax.prune import load_pruned
 from palm_jax.train import Checkpoints, Phase, TrainConfig, TrainingDiverged, fit, run_experiment
 from palm_jax.train.experiment import accuracy_of, load_data, load_trained
@@ -284,6 +285,7 @@ def test_checkpoints_keep_the_last_k_and_the_best():
 def test_without_matplotlib_the_run_skips_only_the_plots(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a bare accelerator machine
     monkeypatch.setitem(sys.modules, "palm_jax.train.plots", None)
+    monkeypatch.delattr(palm_jax.train, "plots", raising=False)  # set once an earlier run imported it
     cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0)
     run_dir = scratch_dir("noplots") / "run"
     logged = []
