@@ -21,11 +21,11 @@ _EXPORTS = {
     "sparse_scales": "palm_jax.prox",
     "l1_penalty": "palm_jax.prox",
     "PalmProxState": "palm_jax.prox",
-    "prune": "palm_jax.prune",
-    "PruneResult": "palm_jax.prune",
-    "save_pruned": "palm_jax.prune",
-    "load_pruned": "palm_jax.prune",
-    "PrunedCheckpointError": "palm_jax.prune",
+    "prune": "palm_jax.pruning",
+    "PruneResult": "palm_jax.pruning",
+    "save_pruned": "palm_jax.pruning",
+    "load_pruned": "palm_jax.pruning",
+    "PrunedCheckpointError": "palm_jax.pruning",
     "models": "palm_jax.models",
 }
 

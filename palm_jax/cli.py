@@ -149,6 +149,9 @@ def resolve_config(args) -> tuple[dict, str]:
 
 def cmd_train(args) -> int:
     from palm_jax.train import TrainConfig, run_experiment
+    from palm_jax.train.sharding import initialize_distributed
+
+    initialize_distributed()  # multi-host: joins the other processes; one process: no-op
 
     values, name = resolve_config(args)
     cfg = TrainConfig.from_dict(values)
@@ -196,7 +199,7 @@ def estimate_cpu_seconds(cfg, train_images: int, eval_images: int, image_shape, 
     two evaluations after training (sparse, pruned), at CPU_FLOPS_PER_CORE per core."""
     import jax
 
-    from palm_jax.prune.report import forward_flops
+    from palm_jax.pruning.report import forward_flops
     from palm_jax.train.state import build_model
 
     model = build_model(cfg, num_classes)
@@ -224,7 +227,7 @@ def cmd_eval(args) -> int:
 
     from palm_jax.data import NUM_CLASSES, load_dataset
     from palm_jax.data.sources import read_npz
-    from palm_jax.prune import load_pruned
+    from palm_jax.pruning import load_pruned
     from palm_jax.train import TrainConfig
     from palm_jax.train.experiment import CONFIG_FILE, accuracy_of, load_data, load_trained
     from palm_jax.train.state import sparse_params
@@ -292,7 +295,7 @@ def cmd_eval(args) -> int:
 
 def user_errors() -> tuple:
     from palm_jax.data import DataNotFoundError
-    from palm_jax.prune import PrunedCheckpointError
+    from palm_jax.pruning import PrunedCheckpointError
     from palm_jax.train import CheckpointError, ConfigError
 
     return (

@@ -11,8 +11,8 @@ import pytest
 from flax import traverse_util
 
 from palm_jax.models import VGG, DenseNet, PreResNet
-from palm_jax.prune import prune
-from palm_jax.prune.report import forward_flops
+from palm_jax.pruning import prune
+from palm_jax.pruning.report import forward_flops
 
 
 class UserNet(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 from test_prune import UserNet, images, init, logits, perturbed
 
 from palm_jax.models import PreResNet
-from palm_jax.prune import PrunedCheckpointError, load_pruned, prune, save_pruned
+from palm_jax.pruning import PrunedCheckpointError, load_pruned, prune, save_pruned
 
 FRESH_PROCESS = textwrap.dedent(
     """

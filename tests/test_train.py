@@ -12,7 +12,7 @@ import pytest
 from train_helpers import STEPS_PER_EPOCH, TF_IMPORTED_BY_TRAINING, scratch_dir, tiny_run
 
 import palm_jax.train
-from palm_jax.prune import load_pruned
+from palm_jax.pruning import load_pruned
 from palm_jax.train import Checkpoints, Phase, TrainConfig, TrainingDiverged, fit, run_experiment
 from palm_jax.train.experiment import accuracy_of, load_data, load_trained
 from palm_jax.train.metrics import MetricsWriter, read_metrics

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import palm_jax.prune as pruning
+import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, normalize, synthetic_dataset
-from palm_jax.train import report
+from palm_jax.train import report, sharding
 from palm_jax.train.checkpoint import Checkpoints
 from palm_jax.train.config import ConfigError, TrainConfig
 from palm_jax.train.loop import Phase, fit
@@ -102,6 +102,10 @@ def run_experiment(
         )
     data = to_device(dataset.train_images, dataset.train_labels)
     eval_data = to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size)
+    mesh = sharding.make_mesh() if jax.device_count() > 1 else None  # data parallel over every device
+    if mesh is not None:
+        sharding.check_batch_size(cfg.batch_size, mesh)
+        data, eval_data = sharding.replicate(data, mesh), sharding.shard_eval(eval_data, mesh)
     log(
         f"data: {dataset.name}, {len(dataset.train_labels)} train / {eval_data.size} {dataset.eval_split} "
         f"images; model: {cfg.model}-{cfg.depth}; method: {cfg.method}; device: {jax.devices()[0].platform}"
@@ -119,7 +123,7 @@ def run_experiment(
         start = time.perf_counter()
         try:
             return train_phase(
-                cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback
+                cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback, mesh
             )
         finally:
             in_fit += time.perf_counter() - start
@@ -178,6 +182,7 @@ def train_phase(
     method: str,
     resume: bool,
     callback: Callable[[int, int], None] | None,
+    mesh=None,
 ):
     """Train `model` from `variables` for `epochs` (resuming from this phase's latest checkpoint if asked).
 
@@ -193,6 +198,8 @@ def train_phase(
     if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore(state)
         start = int(meta["epoch"])
+    if mesh is not None:
+        state = sharding.replicate(state, mesh)
     metrics = MetricsWriter(run_dir, keep_until=(phase, start))
     spec = Phase(
         name=phase,
@@ -203,6 +210,7 @@ def train_phase(
         lr_fn=lr_schedule(lr, steps, cfg.lr_drops),
         dtype=cfg.compute_dtype,
         steps_per_dispatch=cfg.steps_per_dispatch,
+        mesh=mesh,
     )
     meta = {"phase": phase, "config": cfg.to_dict()}
     try:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from palm_jax.data import augment
+from palm_jax.train import sharding
 from palm_jax.train.checkpoint import Checkpoints
 from palm_jax.train.metrics import MetricsWriter
 from palm_jax.train.state import TrainState, sparse_params, zero_fraction
@@ -44,6 +45,7 @@ class Phase:
     lr_fn: Callable
     dtype: object = jnp.float32
     steps_per_dispatch: int | None = None
+    mesh: object = None  # a jax.sharding.Mesh: split every batch over its devices (palm_jax.train.sharding)
 
 
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:
@@ -183,6 +185,8 @@ def _train_epoch(state, data, phase: Phase, epoch: int, checkpoints, bar, callba
     steps = num_examples // phase.batch_size
     num_chunks, chunk = chunk_layout(steps, phase.steps_per_dispatch or default_steps_per_dispatch(steps))
     order = epoch_batches(state.rng, epoch, num_examples, phase.batch_size, num_chunks * chunk)
+    if phase.mesh is not None:
+        order = sharding.shard_batches(order, phase.mesh)
     totals = {"loss": 0.0, "objective": 0.0, "correct": 0}
     first = (epoch - 1) * steps  # steps done before this epoch
     pending = []

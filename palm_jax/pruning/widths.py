@@ -11,7 +11,7 @@ grew, which entries control it. Nothing here depends on the architecture.
 import jax
 import numpy as np
 
-from palm_jax.prune.graph import ChannelGraph
+from palm_jax.pruning.graph import ChannelGraph
 
 
 def _protocol_error(model, detail: str) -> ValueError:
@@ -19,7 +19,7 @@ def _protocol_error(model, detail: str) -> ValueError:
         f"prune: {type(model).__name__} does not follow the width protocol: {detail}. Give the module an "
         "attribute `widths: tuple[int, ...]` with the output width of every conv in the order the convs are "
         "applied, read each conv's width from it, and make model.clone(widths=...) build the same "
-        "architecture with those widths (see palm_jax.prune)"
+        "architecture with those widths (see palm_jax.pruning)"
     )
 
 
@@ -93,7 +93,7 @@ def check_shapes(model, sliced: list[np.ndarray], paths, init_shapes) -> None:
             raise ValueError(
                 f"prune: slicing gave {'/'.join(path)} the shape {value.shape} but the pruned model "
                 f"{type(model).__name__}(widths=...) creates {tuple(shape)}; the model's widths do not "
-                "follow the width protocol (see palm_jax.prune)"
+                "follow the width protocol (see palm_jax.pruning)"
             )
 
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from palm_jax.prune import report as reporting
-from palm_jax.prune import slicing, widths
-from palm_jax.prune.graph import ChannelGraph, Leaf
-from palm_jax.prune.trace import Walker
+from palm_jax.pruning import report as reporting
+from palm_jax.pruning import slicing, widths
+from palm_jax.pruning.graph import ChannelGraph, Leaf
+from palm_jax.pruning.trace import Walker
 
 COLLECTIONS = ("params", "batch_stats")
 MAX_WALKS = 8
@@ -65,7 +65,7 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     """Remove the channels whose BatchNorm scales are zero (or small) and rebuild a smaller model.
 
     Args:
-      model: a Flax module following the width protocol (`widths` attribute, see `palm_jax.prune`).
+      model: a Flax module following the width protocol (`widths` attribute, see `palm_jax.pruning`).
       variables: `{"params": ..., "batch_stats": ...}` of the model.
       threshold: remove channels with |scale| <= threshold (default: exactly zero).
       percent: instead, Network Slimming's global rule: remove |scale| <= the value at index

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from palm_jax.prune.api import PruneResult
+from palm_jax.pruning.api import PruneResult
 
 FORMAT, VERSION = "palm_jax.pruned", 1
 META, VARIABLES = "pruned_model.json", "variables"

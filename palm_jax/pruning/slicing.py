@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from palm_jax.prune.graph import ChannelGraph, Leaf
+from palm_jax.pruning.graph import ChannelGraph, Leaf
 
 
 @dataclass

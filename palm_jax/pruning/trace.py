@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import jax.extend.core as jcore
 import numpy as np
 
-from palm_jax.prune.graph import ChannelGraph, Layer, Leaf
-from palm_jax.prune.values import Val, const_of, elementwise_const, nonzero, window_coverage
+from palm_jax.pruning.graph import ChannelGraph, Layer, Leaf
+from palm_jax.pruning.values import Val, const_of, elementwise_const, nonzero, window_coverage
 
 ELEMENTWISE = frozenset([
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1", "rsqrt",

@@ -42,7 +42,7 @@ of widths), layers ([{layer, before, after, clamped}] per widths entry), kept_me
 channels that meet the criterion but stay), threshold, percent, min_channels, fold, max_logit_deviation.
 """
 
-from palm_jax.prune.api import PruneResult, prune
-from palm_jax.prune.io import PrunedCheckpointError, load_pruned, save_pruned
+from palm_jax.pruning.api import PruneResult, prune
+from palm_jax.pruning.io import PrunedCheckpointError, load_pruned, save_pruned
 
 __all__ = ["prune", "PruneResult", "save_pruned", "load_pruned", "PrunedCheckpointError"]
