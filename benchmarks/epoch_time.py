@@ -107,7 +107,7 @@ def run(args) -> dict:
     augment_epoch = jax.jit(lambda key, idx: augment_only(data, key, idx, steps, cfg.compute_dtype))
     parts = {
         "compute": one_epoch,
-        "eval": lambda: evaluate(state.apply_fn, state.variables(), eval_data, cfg.compute_dtype),
+        "eval": lambda: evaluate(state.apply_fn, state.variables(), eval_data),
         "index": lambda: jax.block_until_ready(order_of(2)),
         "augment": lambda: jax.block_until_ready(augment_epoch(state.rng, order)),
     }

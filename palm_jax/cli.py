@@ -223,7 +223,6 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_eval(args) -> int:
-    import jax
 
     from palm_jax.data import NUM_CLASSES, load_dataset
     from palm_jax.data.sources import read_npz
@@ -269,22 +268,21 @@ def cmd_eval(args) -> int:
         )
 
     result = {"checkpoint": str(path), "data": str(source), "split": split, "images": len(labels)}
-    dtype = cfg.compute_dtype if cfg else jax.numpy.float32
     if pruned:
         model, variables, _ = load_pruned(path)
-        result["accuracy"] = accuracy_of(model, variables, images, labels, args.batch_size, dtype)
+        result["accuracy"] = accuracy_of(model, variables, images, labels, args.batch_size)
     else:
         cfg, state, epoch = load_trained(
             run_dir, epoch, best=args.which == "best", image_shape=images.shape[1:]
         )
         result["epoch"] = epoch
         result["accuracy"] = accuracy_of(
-            state.apply_fn.model, state.variables(), images, labels, args.batch_size, dtype
+            state.apply_fn.model, state.variables(), images, labels, args.batch_size
         )
         if cfg.method == "prox":
             sparse = state.variables(sparse_params(state, "prox"))
             result["accuracy_sparse"] = accuracy_of(
-                state.apply_fn.model, sparse, images, labels, args.batch_size, dtype
+                state.apply_fn.model, sparse, images, labels, args.batch_size
             )
     out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -17,6 +17,7 @@ from palm_jax.train import Checkpoints, Phase, TrainConfig, TrainingDiverged, fi
 from palm_jax.train.experiment import accuracy_of, load_data, load_trained
 from palm_jax.train.metrics import MetricsWriter, read_metrics
 from palm_jax.train.state import (
+    Apply,
     build_model,
     create_train_state,
     init_variables,
@@ -25,7 +26,7 @@ from palm_jax.train.state import (
     scale_leaves,
     sparse_params,
 )
-from palm_jax.train.step import to_device, to_eval_batches, train_chunk
+from palm_jax.train.step import evaluate, to_device, to_eval_batches, train_chunk
 
 REPORT_KEYS = {
     "method",
@@ -87,7 +88,7 @@ def check_run(run_dir, cfg) -> dict:
     # the saved pruned model is the one the report measured (fine-tuned when the run fine-tuned)
     pruned = load_pruned(run_dir / "pruned")
     data = load_data(cfg)
-    acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500, jnp.float32)
+    acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500)
     assert acc == report["accuracy"]["finetuned" if cfg.finetune_epochs else "pruned"]
     return report
 
@@ -239,6 +240,18 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
     xi = sparse_params(state, "prox")
     for tree in (state.params, state.batch_stats, xi):
         assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype("float32")}
+
+
+def test_bfloat16_model_is_evaluated_in_float32():
+    cfg, state, _ = load_trained(tiny_run()[0])  # trained: logits far from the near-zero ones at init
+    data = load_data(cfg)
+    bf16_model = build_model(cfg.replace(dtype="bfloat16"), data.num_classes)
+    f32_model = build_model(cfg.replace(dtype="float32"), data.num_classes)
+    variables = state.variables()
+    eval_data = to_eval_batches(data.eval_images, data.eval_labels, 100)
+    in_bf16 = evaluate(Apply(bf16_model), variables, eval_data)
+    assert in_bf16 == evaluate(Apply(f32_model), variables, eval_data)
+    assert np.isfinite(in_bf16["loss"])
 
 
 def test_many_steps_per_dispatch_equal_one_step_per_dispatch():

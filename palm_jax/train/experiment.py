@@ -129,7 +129,7 @@ def run_experiment(
             in_fit += time.perf_counter() - start
 
     state = train(model, variables, "train", cfg.epochs, cfg.method)
-    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data, cfg.compute_dtype)["accuracy"]
+    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
     accuracy = {
@@ -259,6 +259,6 @@ def load_trained(run_dir: Path, epoch: int | None = None, *, best: bool = False,
     return cfg, state, epoch
 
 
-def accuracy_of(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int, dtype) -> float:
-    """Top-1 accuracy of `model` with `variables` on host arrays (for the eval command)."""
-    return evaluate(Apply(model), variables, to_eval_batches(images, labels, batch_size), dtype)["accuracy"]
+def accuracy_of(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Top-1 accuracy (float32) of `model` with `variables` on host arrays (for the eval command)."""
+    return evaluate(Apply(model), variables, to_eval_batches(images, labels, batch_size))["accuracy"]

@@ -151,7 +151,7 @@ def fit(
             zeros, finite = jax.device_get(epoch_summary(state, phase.method))
             if not finite:
                 _diverged("a parameter is not finite", epoch * steps, epoch, checkpoints)
-            evaluation = evaluate(state.apply_fn, state.variables(), eval_data, phase.dtype)
+            evaluation = evaluate(state.apply_fn, state.variables(), eval_data)
             record = {
                 "phase": phase.name,
                 "epoch": epoch,

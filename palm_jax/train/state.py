@@ -26,6 +26,15 @@ class Apply:
         return self.model.apply(*args, **kwargs)
 
 
+def float32_apply(apply_fn):
+    """`apply_fn` computing in float32: an `Apply` of a module with a `dtype` field is cloned to float32;
+    anything else is returned as it is."""
+    model = getattr(apply_fn, "model", None)
+    if isinstance(apply_fn, Apply) and getattr(model, "dtype", jnp.float32) != jnp.float32:
+        return Apply(model.clone(dtype=jnp.float32))
+    return apply_fn
+
+
 class TrainState(struct.PyTreeNode):
     """Everything a step reads and writes. `rng` is the run's root key: the step derives its augmentation key
     from (rng, step), so a restored state replays the same randomness. `apply_fn` (an `Apply`) and `tx` are

@@ -18,7 +18,7 @@ import optax
 
 from palm_jax import prox
 from palm_jax.data import augment
-from palm_jax.train.state import TrainState
+from palm_jax.train.state import TrainState, float32_apply
 
 STEP_METRICS = ("loss", "correct", "penalty")
 
@@ -137,22 +137,24 @@ def train_chunk(state: TrainState, data: DeviceData, batch_idx: jax.Array, num_s
 
 
 @functools.cache
-def _eval_batch_fn(apply_fn, dtype):
+def _eval_batch_fn(apply_fn):
     @jax.jit
     def run(variables, images, labels, mask):
-        logits = apply_fn(variables, augment.normalize(images, dtype=dtype), train=False)
+        logits = apply_fn(variables, augment.normalize(images), train=False)
         loss = jnp.sum(jnp.where(mask, cross_entropy(logits, labels), 0.0))
         return loss, jnp.sum(mask & (jnp.argmax(logits, -1) == labels))
 
     return run
 
 
-def evaluate(apply_fn, variables: dict, eval_data: EvalData, dtype=jnp.float32) -> dict:
-    """Mean loss and top-1 accuracy of `apply_fn(variables, ., train=False)` over a whole split.
+def evaluate(apply_fn, variables: dict, eval_data: EvalData) -> dict:
+    """Mean loss and top-1 accuracy of `apply_fn(variables, ., train=False)` over a whole split, in float32.
 
-    One dispatch per batch, summed on the device and read once (XLA:CPU runs convolutions inside a loop
-    program several times slower, so the batches are not a `lax.scan`)."""
-    run = _eval_batch_fn(apply_fn, dtype)
+    A model trained with bf16 compute is evaluated in float32 (`float32_apply`): evaluation is a small share
+    of the time, and trained, sparse and pruned accuracies are then compared without bf16 rounding (XLA:CPU
+    also miscomputes some jitted bf16 eval-mode graphs as NaN). One dispatch per batch, summed on the device
+    and read once (XLA:CPU runs convolutions inside a loop program several times slower, so no `lax.scan`)."""
+    run = _eval_batch_fn(float32_apply(apply_fn))
     loss, correct = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
     for batch in zip(*eval_data, strict=True):
         batch_loss, batch_correct = run(variables, *batch)
