@@ -49,7 +49,7 @@ BATCH ?=
 TRAIN_IMAGES ?=
 OUT ?=
 ARGS ?=
-EXPERIMENTS := cifar10-vgg19 cifar10-vgg19-ns cifar10-vgg19-baseline cifar10-resnet164 cifar10-densenet40 \
+EXPERIMENTS := cifar10-vgg19 cifar10-vgg19-ns cifar10-vgg19-baseline cifar10-vgg19-fast cifar10-resnet164 cifar10-densenet40 \
 	cifar100-vgg19 cifar100-vgg19-ns cifar100-vgg19-baseline cifar100-resnet164 cifar100-densenet40
 run_dir = $(or $(OUT),runs/$(1)$(if $(DATA_DIR),-$(notdir $(abspath $(DATA_DIR))))$(if $(EPOCHS),-e$(EPOCHS))$(if \
 	$(TRAIN_IMAGES),-n$(TRAIN_IMAGES))$(if $(BATCH),-b$(BATCH)))

@@ -32,6 +32,7 @@ TRAIN_OPTIONS = {  # option -> (TrainConfig field, type, help)
     "--epochs": ("epochs", int, "training epochs"),
     "--batch-size": ("batch_size", int, "training batch size"),
     "--lr": ("lr", float, "initial learning rate (divided by 10 at 50%% and 75%% of training)"),
+    "--warmup-epochs": ("warmup_epochs", float, "reach --lr linearly over this many epochs (default 0)"),
     "--train-images": ("train_images", int, "use only the first N training images (a quick look)"),
     "--synthetic-images": (
         "synthetic_images",

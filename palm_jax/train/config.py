@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 class TrainConfig:
     """One run: model, data, sparsity method, optimiser recipe, pruning and fine-tuning.
 
-    The optimiser is SGD with momentum and weight decay; the learning rate starts at `lr` and is divided by
-    10 at each fraction of training in `lr_drops`. `l1` is the sparsity weight (ignored by `baseline`), `beta`
+    The optimiser is SGD with momentum and weight decay; the learning rate starts at `lr` (reached linearly
+    over the first `warmup_epochs` of training, 0: none) and is divided by 10 at each fraction of training in
+    `lr_drops`. `l1` is the sparsity weight (ignored by `baseline`), `beta`
     the PALM coupling of `prox`. `prune_percent` prunes that global percentage of channels by |scale| (NS);
     None prunes the channels whose scale (or xi) is exactly zero. Fine-tuning the pruned model (no sparsity)
     starts at `finetune_lr` (default `lr`) with the same drops. `steps_per_dispatch` None picks 1 on CPU
@@ -50,6 +51,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_drops: tuple[float, ...] = (0.5, 0.75)
+    warmup_epochs: float = 0.0
     seed: int = 0
     dtype: str = "float32"
     steps_per_dispatch: int | None = None
@@ -102,6 +104,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--prune-percent must be a percentage in [0, 100), e.g. 70, got {self.prune_percent}"
             )
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         if any(not 0 < f < 1 for f in self.lr_drops):
             raise ConfigError(f"lr_drops must be fractions of training in (0, 1), got {self.lr_drops}")
         if self.train_images is not None and self.train_images < self.batch_size:

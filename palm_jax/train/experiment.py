@@ -186,11 +186,14 @@ def train_phase(
 ):
     """Train `model` from `variables` for `epochs` (resuming from this phase's latest checkpoint if asked).
 
-    Fine-tuning (`phase` "finetune") starts at `cfg.finetune_lr` when given and uses its own seed.
+    Fine-tuning (`phase` "finetune") starts at `cfg.finetune_lr` when given, without warm-up, and uses its
+    own seed.
     """
-    steps = epochs * (int(data.labels.shape[0]) // cfg.batch_size)
+    steps_per_epoch = int(data.labels.shape[0]) // cfg.batch_size
+    steps = epochs * steps_per_epoch
     lr = cfg.finetune_lr if phase != "train" and cfg.finetune_lr is not None else cfg.lr
-    tx = make_optimizer(cfg.replace(lr=lr), steps, method)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch) if phase == "train" else 0
+    tx = make_optimizer(cfg.replace(lr=lr), steps, method, warmup)
     state = create_train_state(model, tx, variables, cfg.seed if phase == "train" else cfg.seed + 1)
     directory = run_dir / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
     checkpoints = Checkpoints(directory, cfg.keep_checkpoints)
@@ -207,7 +210,7 @@ def train_phase(
         batch_size=cfg.batch_size,
         method=method,
         l1=0.0 if method == "baseline" else cfg.l1,
-        lr_fn=lr_schedule(lr, steps, cfg.lr_drops),
+        lr_fn=lr_schedule(lr, steps, cfg.lr_drops, warmup),
         dtype=cfg.compute_dtype,
         steps_per_dispatch=cfg.steps_per_dispatch,
         mesh=mesh,

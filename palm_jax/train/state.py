@@ -76,13 +76,17 @@ def build_model(cfg: TrainConfig, num_classes: int, widths=None):
     return DenseNet(growth_rate=cfg.growth_rate, **common)
 
 
-def lr_schedule(lr: float, total_steps: int, drops=(0.5, 0.75)) -> optax.Schedule:
-    """`lr` divided by 10 at each fraction of `total_steps` in `drops` (the NS recipe: 50% and 75%)."""
-    return optax.piecewise_constant_schedule(lr, {int(total_steps * f): 0.1 for f in drops})
+def lr_schedule(lr: float, total_steps: int, drops=(0.5, 0.75), warmup_steps: int = 0) -> optax.Schedule:
+    """`lr` divided by 10 at each fraction of `total_steps` in `drops` (the NS recipe: 50% and 75%); with
+    `warmup_steps`, step s < warmup_steps uses lr * (s + 1) / warmup_steps instead."""
+    stepped = optax.piecewise_constant_schedule(lr, {int(total_steps * f): 0.1 for f in drops})
+    if not warmup_steps:
+        return stepped
+    return lambda step: stepped(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def make_optimizer(
-    cfg: TrainConfig, total_steps: int, method: str | None = None
+    cfg: TrainConfig, total_steps: int, method: str | None = None, warmup_steps: int = 0
 ) -> optax.GradientTransformation:
     """SGD with momentum and weight decay (on every parameter, as in NS) plus the method's sparsity link.
 
@@ -95,13 +99,14 @@ def make_optimizer(
     """
     method = cfg.method if method is None else method
     return _optimizer(
-        method, cfg.l1, cfg.beta, cfg.lr, cfg.lr_drops, cfg.momentum, cfg.weight_decay, total_steps
+        method, cfg.l1, cfg.beta, cfg.lr, cfg.lr_drops, cfg.momentum, cfg.weight_decay, total_steps,
+        warmup_steps,
     )
 
 
 @functools.cache
-def _optimizer(method, l1, beta, lr, drops, momentum, weight_decay, total_steps):
-    schedule = lr_schedule(lr, total_steps, drops)
+def _optimizer(method, l1, beta, lr, drops, momentum, weight_decay, total_steps, warmup_steps):
+    schedule = lr_schedule(lr, total_steps, drops, warmup_steps)
     sgd = [optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)]
     if method == "prox":
         return optax.chain(*sgd, prox.palm_prox(l1, beta, learning_rate=schedule))
