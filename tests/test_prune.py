@@ -139,25 +139,27 @@ def test_user_model_zero_scales_give_identical_logits(kernel):
     np.testing.assert_array_equal(bn_scales(result.variables, "bn_s"), scale["bn_s"][kept])
 
 
-def test_folding_is_exact_without_padding_and_helps_with_it():
+def test_folding_is_exact_with_carriers_and_closest_constant_without():
     x = images()
     for kernel in (1, 3):
         model = UserNet(kernel=kernel)
         variables = perturbed(init(model, x), np.random.default_rng(7), bias_sign=1.0)
         variables = with_zeros(variables, {"bn_a": [0, 1], "bn_s": [0, 1], "bn_u": [0, 1]})  # residual too
         folded = prune(model, variables, probe=x)
+        close = prune(model, variables, probe=x, exact=False)
         raw = prune(model, variables, probe=x, fold=False)
-        assert folded.model.widths == raw.model.widths != model.widths
+        assert close.model.widths == raw.model.widths != model.widths
         deviation = np.max(np.abs(logits(folded.model, folded.variables, x) - logits(model, variables, x)))
         assert deviation == pytest.approx(folded.report["max_logit_deviation"], abs=1e-6)
-        assert raw.report["max_logit_deviation"] > 1e-3
-        assert folded.report["fold"]["unabsorbed"] == []
-        if kernel == 1:
-            assert deviation < 1e-5
-            assert folded.report["fold"]["approximate"] == []
-        else:
-            assert deviation < raw.report["max_logit_deviation"] / 2
-            assert folded.report["fold"]["approximate"]
+        assert deviation < 1e-5 < 1e-3 < raw.report["max_logit_deviation"]
+        assert folded.report["fold"]["unabsorbed"] == [] == folded.report["fold"]["approximate"]
+        if kernel == 1:  # no padding: the constants fold into the next BN means exactly, nothing is kept
+            assert folded.model.widths == raw.model.widths and folded.report["fold"]["carriers"] == []
+        else:  # padding: a constant input (scale 0) carries the constants; without it, the closest constant
+            assert folded.report["fold"]["carriers"]
+            assert sum(raw.model.widths) <= sum(folded.model.widths) < sum(model.widths)
+            assert close.report["fold"]["approximate"] and close.report["fold"]["carriers"] == []
+            assert 1e-5 < close.report["max_logit_deviation"] < raw.report["max_logit_deviation"] / 2
 
 
 ARCHITECTURES = {
@@ -178,12 +180,20 @@ def test_architectures_prune_to_the_same_logits(name):
     np.testing.assert_allclose(logits(result.model, result.variables, x), logits(model, exact, x),
                                atol=1e-5, rtol=0)
 
+    # positive BN biases: removed channels emit relu(bias) > 0, read through zero padding by the next conv
     positive = perturbed(variables, np.random.default_rng(0), bias_sign=1.0)
     folded = prune(model, positive, probe=x)
+    np.testing.assert_allclose(logits(folded.model, folded.variables, x), logits(model, positive, x),
+                               atol=1e-5, rtol=0)
+    assert folded.report["fold"]["carriers"] and folded.report["fold"]["approximate"] == []
+    assert result.report["params_after"] <= folded.report["params_after"] < folded.report["params_before"]
+    close = prune(model, positive, probe=x, exact=False)
     raw = prune(model, positive, probe=x, fold=False)
-    assert folded.model.widths == result.model.widths
-    assert folded.report["max_logit_deviation"] < raw.report["max_logit_deviation"] / 2
-    assert folded.report["fold"]["absorbed"] and folded.report["fold"]["unabsorbed"] == []
+    assert close.model.widths == result.model.widths
+    # a carrier is a removed channel kept, unless a kept input was constant already
+    assert sum(folded.model.widths) - sum(close.model.widths) == folded.report["fold"]["carrier_channels"]
+    assert close.report["max_logit_deviation"] < raw.report["max_logit_deviation"] / 2
+    assert close.report["fold"]["absorbed"] and close.report["fold"]["unabsorbed"] == []
 
 
 def test_residual_width_is_pruned_only_where_every_reading_bn_is_zero():

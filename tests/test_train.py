@@ -107,8 +107,12 @@ def test_prox_prunes_exactly_the_zero_xi_channels():
     xi = scale_leaves(sparse_params(state, "prox"))
     nonzero = [int(np.count_nonzero(v)) for _, v in xi]
     assert sum(nonzero) < report["channels"]["before"], "the tiny run must zero some xi"
-    # VGG: conv i feeds bn i; a channel is kept iff its xi is nonzero (at least one per layer)
-    assert [r["after"] for r in report["channels_per_layer"]] == [max(1, n) for n in nonzero]
+    # VGG: conv i feeds bn i; a channel is kept iff its xi is nonzero (at least one per layer), or it is the
+    # layer's carrier of the constants of the removed ones; the pruned logits are the sparse model's
+    layers = report["channels_per_layer"]
+    assert [r["after"] - r["carriers"] for r in layers] == [max(1, n) for n in nonzero]
+    assert all(r["carriers"] <= 1 for r in layers)
+    assert report["prune"]["max_logit_deviation"] < 1e-4
     zeros = 1 - sum(nonzero) / sum(v.size for _, v in xi)
     assert read_metrics(run_dir, "train")[-1]["zero_fraction"] == pytest.approx(zeros)
     finetune = read_metrics(run_dir, "finetune")
@@ -140,7 +144,7 @@ def test_other_methods_end_to_end(method):
         assert report["channels"]["after"] <= report["channels"]["before"] // 2 + len(scales)
     if method == "ista":  # soft thresholding leaves exact zeros in the params themselves
         assert zero_fraction > 0
-        assert [r["after"] for r in report["channels_per_layer"]] == [
+        assert [r["after"] - r["carriers"] for r in report["channels_per_layer"]] == [
             max(1, np.count_nonzero(v)) for v in scales
         ]
     if method == "baseline":

@@ -61,7 +61,9 @@ def _flatten(model, variables, probe):
     return paths, values, flat[1]
 
 
-def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True):
+def prune(
+    model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True, exact=True
+):
     """Remove the channels whose BatchNorm scales are zero (or small) and rebuild a smaller model.
 
     Args:
@@ -74,6 +76,10 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
       probe: an input batch (NHWC) for tracing and for measuring the logit deviation; default 8 standard
         normal 32x32x3 images.
       fold: fold the constants that removed channels emit into biases / BN means (False: only slice).
+      exact: where a removed channel's constant is read through zero padding, keep one removed channel of
+        that input, its scale 0, as a constant carrier for the others (report["fold"]["carriers"]), so that
+        the pruned model computes what the model with those scales at zero computes. False: fold the closest
+        per-channel constant there instead (a slightly smaller, approximate model).
 
     Returns:
       PruneResult(model, variables, report).
@@ -88,16 +94,22 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     leaves = [Leaf(p, v, [graph.alloc(d) for d in v.shape]) for p, v in zip(paths, values, strict=True)]
     closed = jax.make_jaxpr(lambda ls, x: model.apply(treedef.unflatten(ls), x, train=False))(values, probe)
 
-    def walk(bns, removed=None, uses=None):
-        """A walk with the scales of the `removed` classes (of every BN when None) at exactly zero."""
-        tried = list(values)
+    def zero_scales(vals, bns, classes=None):
+        """`vals` with the BN scales of `classes` (all when None) at exactly zero."""
+        vals = list(vals)
         for bn in bns:
-            nodes, scale = leaves[bn.scale].axes[0], values[bn.scale]
-            zero = True if removed is None else np.isin(graph.roots(nodes), list(removed))
-            tried[bn.scale] = np.where(zero, 0, scale).astype(scale.dtype)
+            nodes, scale = leaves[bn.scale].axes[0], vals[bn.scale]
+            zero = True if classes is None else np.isin(graph.roots(nodes), list(classes))
+            vals[bn.scale] = np.where(zero, 0, scale).astype(scale.dtype)
+        return vals
+
+    def walk(bns, removed=None, uses=None, carriers=None):
+        """A walk with the scales of the `removed` classes and carriers (of every BN when None) at zero."""
+        zeroed = None if removed is None else removed | {root for _, root in (carriers or {}).values()}
         graph.begin_walk()
-        with_values = [Leaf(leaf.path, v, leaf.axes) for leaf, v in zip(leaves, tried, strict=True)]
-        return Walker(graph, with_values, removed, uses).run(closed, len(leaves))
+        with_values = [Leaf(leaf.path, v, leaf.axes)
+                       for leaf, v in zip(leaves, zero_scales(values, bns, zeroed), strict=True)]
+        return Walker(graph, with_values, removed, uses, carriers).run(closed, len(leaves))
 
     candidates = slicing.find_batchnorms(leaves)
     first = walk(candidates)  # records the channel classes; exits read constants iff BN-gated
@@ -109,21 +121,26 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     controls = widths.resolve(model, layers, leaves, graph, shapes_of)
     if percent is not None:
         threshold = slicing.percent_threshold(leaves, bns, percent)
-    blocked, folded = set(), None
+    blocked, folded, requested, carriers = set(), None, {}, {}
     for _ in range(MAX_WALKS):
         removed, clamped, kept_meeting = slicing.decide(
             graph, leaves, bns, layers, controls, threshold, min_channels, blocked
         )
         if not fold:
             break
-        folded = walk(bns, removed=removed, uses=first.uses)
-        if not folded.unfoldable:
-            break
+        carriers = {k: c for k, c in requested.items() if c[1] in removed} if exact else None
+        kept_zero = {root for _, root in (carriers or {}).values()}
+        folded = walk(bns, removed=removed - kept_zero, uses=first.uses, carriers=carriers)
         blocked |= folded.unfoldable  # (only with exotic gating) not constant after all: keep them
+        requested.update(folded.requests)
+        if not folded.unfoldable and not folded.requests:
+            break
+    carrier_classes = {root for _, root in (carriers or {}).values()}
+    removed -= carrier_classes  # kept, with their scales at zero: constant inputs for the carried kernels
 
-    adjusted = list(values)
+    adjusted = zero_scales(values, bns, carrier_classes) if carrier_classes else list(values)
     for i, delta in (folded.adjust if folded else {}).items():
-        adjusted[i] = (values[i] + delta).astype(values[i].dtype)
+        adjusted[i] = (adjusted[i] + delta).astype(values[i].dtype)
     gone = slicing.removed_mask(graph, removed)
     sliced = slicing.slice_leaves(leaves, adjusted, gone)
     by_kernel = widths.layers_by_kernel(layers)
@@ -135,7 +152,9 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
         (model, variables), (pruned, new_variables), probe,
         threshold=float(threshold), percent=percent, min_channels=int(min_channels),
         layers=[
-            {"layer": layer.name, "before": int(before), "after": int(after), "clamped": i in clamped}
+            {"layer": layer.name, "before": int(before), "after": int(after), "clamped": i in clamped,
+             "carriers": int(np.isin(graph.roots(leaves[layer.kernel].axes[layer.out_axis]),
+                                     list(carrier_classes)).sum())}
             for i, (layer, before, after) in enumerate(zip(own, model.widths, pruned.widths, strict=True))
         ],
         kept_meeting_criterion=sum(
@@ -146,6 +165,8 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
             "enabled": bool(fold),
             "absorbed": sorted(set(folded.absorbed)) if folded else [],
             "approximate": sorted(set(folded.approximate)) if folded else [],
+            "carriers": sorted(set(folded.carried)) if folded else [],
+            "carrier_channels": len(carrier_classes),
             "unabsorbed": folded.unabsorbed if folded else [],
         },
     )

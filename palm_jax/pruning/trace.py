@@ -12,6 +12,10 @@ Every value with rank >= 1 carries, for each position of its last axis,
   rather than zero padding). Offsets pass through linear ops (adds, scalings, pools, later convs) and are
   absorbed by the first bias or BN running mean they are added to or subtracted from; what reaches a
   nonlinearity or an output is reported as unabsorbed.
+Next to zero padding a per-channel offset is only the closest constant. With `carriers` (a dict, exact
+mode) such a conv instead keeps one removed input channel with a nonzero constant, the carrier, whose kernel
+slice takes over what the removed constants brought (`carrier_delta`): the walk asks for one in
+`Walk.requests` (kernel leaf -> (input position, class root)) and the next walk, given it, uses it.
 """
 
 import math
@@ -21,7 +25,7 @@ import jax.extend.core as jcore
 import numpy as np
 
 from palm_jax.pruning.graph import ChannelGraph, Layer, Leaf
-from palm_jax.pruning.values import Val, const_of, elementwise_const, nonzero, window_coverage
+from palm_jax.pruning.values import Val, carrier_delta, const_of, elementwise_const, nonzero, window_coverage
 
 ELEMENTWISE = frozenset([
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1", "rsqrt",
@@ -52,6 +56,8 @@ class Walk:
     absorbed: list = field(default_factory=list)
     unabsorbed: list = field(default_factory=list)
     approximate: list = field(default_factory=list)
+    carried: list = field(default_factory=list)
+    requests: dict = field(default_factory=dict)
     unfoldable: set = field(default_factory=set)
 
 
@@ -62,9 +68,11 @@ def _last(aval) -> int | None:
 class Walker:
     """One walk over the traced forward pass. `removed` (a set of class roots) turns on folding."""
 
-    def __init__(self, graph: ChannelGraph, leaves: list[Leaf], removed: set | None = None, uses=None):
+    def __init__(self, graph: ChannelGraph, leaves: list[Leaf], removed: set | None = None, uses=None,
+                 carriers: dict | None = None):
         self.graph, self.leaves, self.removed = graph, leaves, removed
         self.uses = uses or {}  # consumers per leaf, counted by the first walk (a bias must have one)
+        self.carriers = carriers  # None: approximate folding next to padding
         self.out = Walk()
 
     # -- driving -------------------------------------------------------------------------------------------
@@ -357,9 +365,33 @@ class Walker:
         if nonzero(lhs.off):
             deficit = deficit + np.where(gone, 0.0, lhs.off)
         if np.any(deficit != 0):
+            if np.any(coverage != 1):
+                carrier = self._carrier(rhs.leaf, lhs, gone)
+                if carrier is not None:
+                    delta = carrier_delta(leaf.value, in_axis, deficit, carrier, lhs.const[carrier])
+                    self.out.adjust[rhs.leaf] = self.out.adjust.get(rhs.leaf, 0.0) + delta
+                    self.out.carried.append(layer.name)
+                    return [out]
+                self.out.approximate.append(layer.name)
             kernel = np.moveaxis(leaf.value.astype(np.float64) * coverage, (in_axis, out_axis), (-2, -1))
             taps = kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0)
             out.off, out.src = deficit @ taps, lhs.src | {layer.name}
-            if np.any(coverage != 1):
-                self.out.approximate.append(layer.name)
         return [out]
+
+    def _carrier(self, kernel: int, lhs: Val, gone: np.ndarray) -> int | None:
+        """The input position of this conv's carrier: the one given, else a kept input that is constant (a
+        scale-0 channel kept anyway: no extra channel); else None, and a request for the removed channel of
+        largest |constant| to be kept as the carrier."""
+        if self.carriers is None or self.uses.get(kernel, 0) != 1:  # (a kernel applied twice: approximate)
+            return None
+        if kernel in self.carriers:
+            return self.carriers[kernel][0]
+        size = np.where(np.isnan(lhs.const), 0.0, np.abs(lhs.const))
+        for usable in (~gone & (size > 0), gone & (size > 0)):
+            if np.any(usable):
+                j = int(np.argmax(np.where(usable, size, -1)))
+                if not gone[j]:
+                    return j
+                self.out.requests[kernel] = (j, int(self.graph.roots(lhs.nodes[j : j + 1])[0]))
+                return None
+        return None

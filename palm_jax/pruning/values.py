@@ -105,3 +105,13 @@ def elementwise_const(eqn, args: list[Val], aval) -> np.ndarray:
     if name == "mul":
         result = np.where(zero, 0.0, result)
     return np.where(mask, result, np.nan)
+
+
+def carrier_delta(kernel: np.ndarray, in_axis: int, deficit: np.ndarray, carrier: int, const: float):
+    """The change to `kernel` that makes its input channel `carrier` (a constant `const` everywhere) also
+    bring what the inputs' constants `deficit` brought: exact next to zero padding too, where the carrier is
+    padded exactly as they were."""
+    moved = np.moveaxis(kernel.astype(np.float64), in_axis, -1)
+    delta = np.zeros_like(moved)
+    delta[..., carrier] = (moved @ deficit) / const
+    return np.moveaxis(delta, -1, in_axis)

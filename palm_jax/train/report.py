@@ -2,8 +2,9 @@
 
 report.json keys: method, model, dataset, split ("test" or "val"), epochs, finetune_epochs, accuracy {trained,
 sparse, pruned, finetuned} (fractions; sparse is null except for prox, finetuned null without fine-tuning),
-channels / params / flops {before, after}, channels_per_layer [{layer, before, after}], prune {percent,
-threshold, max_logit_deviation}, seconds {train, total}, train_images, eval_images, config.
+channels / params / flops {before, after}, channels_per_layer [{layer, before, after, carriers}], prune
+{percent, threshold, max_logit_deviation, carrier_channels}, seconds {train, total}, train_images,
+eval_images, config.
 """
 
 import json
@@ -13,9 +14,9 @@ REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
 def layer_channels(prune_report: dict) -> list[dict]:
-    """[{layer, before, after}] per prunable layer, from `palm_jax.prune`'s report."""
+    """[{layer, before, after, carriers}] per prunable layer, from `palm_jax.prune`'s report."""
     return [
-        {"layer": str(r["layer"]), "before": int(r["before"]), "after": int(r["after"])}
+        {"layer": str(r["layer"]), **{key: int(r[key]) for key in ("before", "after", "carriers")}}
         for r in prune_report["layers"]
     ]
 
@@ -41,6 +42,7 @@ def build(cfg, dataset, accuracy: dict, prune_report: dict, percent: float | Non
             "percent": percent,
             "threshold": float(prune_report["threshold"]),
             "max_logit_deviation": float(prune_report["max_logit_deviation"]),
+            "carrier_channels": int(prune_report["fold"]["carrier_channels"]),
         },
         "seconds": {key: round(float(value), 2) for key, value in seconds.items()},
         "train_images": len(dataset.train_labels),
@@ -91,10 +93,13 @@ def markdown(report: dict) -> str:
         f"{report['train_images']} images. Training took {report['seconds']['train']:.1f} s, the whole run "
         f"{report['seconds']['total']:.1f} s.",
         "",
-        "| layer | channels before | kept |",
-        "| --- | --- | --- |",
+        "| layer | channels before | kept | of which carriers (scale 0) |",
+        "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['layer']} | {r['before']} | {r['after']} |" for r in report["channels_per_layer"]]
+    lines += [
+        f"| {r['layer']} | {r['before']} | {r['after']} | {r['carriers']} |"
+        for r in report["channels_per_layer"]
+    ]
     return "\n".join(lines) + "\n"
 
 
