@@ -1,10 +1,12 @@
-"""Command line: `python -m palm_jax.cli train ...` and `python -m palm_jax.cli eval ...`.
+"""Command line: `python -m palm_jax.cli train|eval|prune ...`.
 
     train  --recipe NAME (experiments/recipes.py; default: the paper recipe of --model/--method), any option
            overriding it; writes the run directory (--out) and prints `report: <path>` last.
     eval   CHECKPOINT: a run directory, one of its epoch checkpoints, or a pruned model (run/pruned); prints
            the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation hold-out) or
            the TFDS test split, and writes it as JSON.
+    prune  RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
+           RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
 
 A user error (bad option, missing data, foreign checkpoint) prints one line and exits with status 2; a
 diverged run (NaN or infinite loss) prints the step and exits with 3; an interrupted one exits with 130 and
@@ -109,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=500, help="eval batch size")
     evaluate.add_argument("--out", help="JSON file for the result (default: eval.json beside the checkpoint)")
     evaluate.set_defaults(func=cmd_eval)
+
+    reprune = commands.add_parser("prune", help="prune a trained run's checkpoint again, e.g. another --fold")
+    reprune.add_argument("run_dir", help="a run directory written by `train`")
+    reprune.add_argument("--which", choices=("latest", "best"), default="latest", help="which checkpoint")
+    reprune.add_argument(
+        "--fold",
+        choices=("exact", "closest", "none"),
+        default="exact",
+        help="constants of removed channels: exact (carrier channels next to padding, the default), closest "
+        "(the closest per-channel constant, no extra channel) or none (slice only)",
+    )
+    reprune.add_argument("--out", help="folder for the pruned model (default: RUN_DIR/pruned-<fold>)")
+    reprune.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -289,6 +304,36 @@ def cmd_eval(args) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {len(labels)} {split} images of {source}")
     print(f"eval: {out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from palm_jax.train.experiment import CONFIG_FILE, load_data, load_trained, prune_trained, save_pruned
+    from palm_jax.train.step import to_eval_batches
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UsageError(f"{run_dir} is not a run directory of `palm_jax train` (no {CONFIG_FILE})")
+    cfg, state, epoch = load_trained(run_dir, best=args.which == "best")
+    data = load_data(cfg)
+    eval_data = to_eval_batches(data.eval_images, data.eval_labels, cfg.eval_batch_size)
+    result, accuracy = prune_trained(cfg, state, data.eval_images, eval_data, fold=args.fold)
+    out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
+    save_pruned(out, result)
+    r = result.report
+    summary = {
+        "run": str(run_dir), "epoch": epoch, "fold": args.fold, "split": data.eval_split,
+        "accuracy": accuracy,
+        **{what: {"before": r[f"{what}_before"], "after": r[f"{what}_after"]}
+           for what in ("channels", "params", "flops")},
+        "max_logit_deviation": r["max_logit_deviation"], "carrier_channels": r["fold"]["carrier_channels"],
+    }
+    (out / "prune.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items() if v is not None)
+    print(f"{data.eval_split} accuracy: {shown}; channels {r['channels_before']} -> {r['channels_after']} "
+          f"({r['fold']['carrier_channels']} carriers), params {r['params_before']} -> {r['params_after']}, "
+          f"max logit deviation {r['max_logit_deviation']:.3g}")
+    print(f"pruned: {out}")
     return 0
 
 

@@ -11,6 +11,9 @@ import pytest
 from train_helpers import TINY_ARGS, scratch_dir, tiny_run
 
 from palm_jax import cli
+from palm_jax.pruning import load_pruned
+from palm_jax.train import TrainConfig
+from palm_jax.train.experiment import accuracy_of, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +45,34 @@ def assert_one_line_error(code, stderr, *words):
 def test_train_prints_the_report_path_last():
     run_dir, printed = tiny_run()
     assert printed.strip().splitlines()[-1] == f"report: {run_dir / 'report.json'}"
+
+
+def test_prune_command_refolds_a_trained_run(capsys):
+    run_dir, _ = tiny_run()
+    report = json.loads((run_dir / "report.json").read_text())
+    results = {}
+    for fold in ("exact", "closest", "none"):
+        out = scratch_dir(f"reprune_{fold}") / "pruned"
+        assert cli.main(["prune", str(run_dir), "--fold", fold, "--out", str(out)]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"pruned: {out}"
+        results[fold] = result = json.loads((out / "prune.json").read_text())
+        model, variables, _ = load_pruned(out)
+        data = load_data(TrainConfig.load(run_dir / "config.json"))
+        accuracy = accuracy_of(model, variables, data.eval_images, data.eval_labels, 100)
+        assert accuracy == result["accuracy"]["pruned"]
+    # the same pruning as the run's own (before its fine-tuning), and the same sparse model for every fold
+    assert results["exact"]["channels"]["after"] == report["channels"]["after"]
+    assert results["exact"]["accuracy"]["sparse"] == report["accuracy"]["sparse"]
+    assert results["exact"]["max_logit_deviation"] < 1e-4
+    assert len({json.dumps(r["accuracy"]["sparse"]) for r in results.values()}) == 1
+    assert results["closest"]["carrier_channels"] == results["none"]["carrier_channels"] == 0
+    assert results["closest"]["channels"]["after"] == results["none"]["channels"]["after"]
+    assert results["closest"]["max_logit_deviation"] <= results["none"]["max_logit_deviation"]
+
+
+def test_prune_command_needs_a_run_directory(tmp_path):
+    code, _, stderr = run_cli("prune", str(tmp_path))
+    assert_one_line_error(code, stderr, "not a run directory")
 
 
 def test_eval_of_a_run_and_of_its_pruned_model(capsys):

@@ -30,16 +30,23 @@ is emptied). So a residual width is pruned only where every BN reading it is zer
 freely.
 
 Folding: a removed channel with scale 0 still emits relu(bias). That constant times the consuming kernel's
-taps is added to the first bias or BN running mean downstream (through later linear ops if need be). It is
-exact where zero padding does not break the constancy; with padding, the taps are weighted by how often
-they read the input, the constant closest to the true outputs. `report["fold"]` lists the layers where it is
-approximate and any offset that found nothing to absorb it; `report["max_logit_deviation"]` measures the
-result on the probe batch.
+taps is added to the first bias or BN running mean downstream (through later linear ops if need be), which is
+exact where no zero padding breaks its constancy. Where it does (a 3x3 conv reads a constant as
+"value inside, 0 in the padding"), the conv gets a carrier (`exact=True`, the default): an input channel that
+is itself a constant c (a scale-0 channel that stays anyway, or else the removed channel with the largest
+|constant|, kept with its scale at 0) whose kernel slice gains sum_p value_p * kernel[.., p, ..] / c over the
+removed inputs p; padded exactly like them, it brings exactly what they brought, so the pruned model computes
+what the model with those scales at zero computes (float rounding aside). `exact=False` folds the closest
+per-channel constant there instead (taps weighted by how often they read the input): no extra channel,
+approximate. `report["fold"]` lists the convs with carriers, the extra channels they cost
+(`carrier_channels`), the layers where folding is approximate and any offset that found nothing to absorb
+it; `report["max_logit_deviation"]` measures the result on the probe batch.
 
 The report: params_before / params_after (scalars in the params leaves), flops_before / flops_after (XLA's
 cost analysis of one eval forward pass on one example), input_shape, channels_before / channels_after (sums
-of widths), layers ([{layer, before, after, clamped}] per widths entry), kept_meeting_criterion (conv output
-channels that meet the criterion but stay), threshold, percent, min_channels, fold, max_logit_deviation.
+of widths), layers ([{layer, before, after, clamped, carriers}] per widths entry), kept_meeting_criterion
+(conv output channels that meet the criterion but stay, carriers included), threshold, percent,
+min_channels, fold, max_logit_deviation.
 """
 
 from palm_jax.pruning.api import PruneResult, prune

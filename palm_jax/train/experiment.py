@@ -35,6 +35,7 @@ from palm_jax.train.state import (
 from palm_jax.train.step import DeviceData, EvalData, evaluate, to_device, to_eval_batches
 
 CONFIG_FILE = "config.json"
+FOLDS = ("exact", "closest", "none")
 DEFAULT_PRUNE_PERCENT = {"ns": {"vgg": 70.0, "resnet": 40.0, "densenet": 40.0}}  # NS: % of all channels
 
 
@@ -129,7 +130,6 @@ def run_experiment(
             in_fit += time.perf_counter() - start
 
     state = train(model, variables, "train", cfg.epochs, cfg.method)
-    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
     accuracy = {
@@ -137,24 +137,16 @@ def run_experiment(
         "sparse": None,
         "finetuned": None,
     }
-    sparse = sparse_params(state, cfg.method)
-    if cfg.method == "prox":
-        accuracy["sparse"] = top1(state.apply_fn, state.variables(sparse))
-    percent = prune_percent(cfg)
-    probe = normalize(dataset.eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
-    result = pruning.prune(model, state.variables(sparse), percent=percent, probe=probe)
-    if result.model.widths == model.widths:  # nothing removed: the same function as the sparse model
-        accuracy["pruned"] = accuracy["sparse"] if cfg.method == "prox" else accuracy["trained"]
-    else:
-        accuracy["pruned"] = top1(Apply(result.model), result.variables)
+    result, scores = prune_trained(cfg, state, dataset.eval_images, eval_data, accuracy["trained"])
+    accuracy.update(scores)
     if cfg.finetune_epochs:
         tuned = train(result.model, result.variables, "finetune", cfg.finetune_epochs, "baseline")
         result = result._replace(variables=tuned.variables())
-        accuracy["finetuned"] = top1(tuned.apply_fn, tuned.variables())
+        accuracy["finetuned"] = evaluate(tuned.apply_fn, tuned.variables(), eval_data)["accuracy"]
     save_pruned(run_dir / "pruned", result)
 
     records = read_metrics(run_dir)
-    xi = sparse if cfg.method == "prox" else None
+    xi = sparse_params(state, "prox") if cfg.method == "prox" else None
     try:
         from palm_jax.train import plots  # matplotlib: optional on a bare accelerator machine
     except ImportError as err:
@@ -166,7 +158,7 @@ def run_experiment(
         "train": sum(r["seconds"] for r in records if r["phase"] == "train"),
         "total": time.perf_counter() - started - in_fit + sum(r["seconds"] for r in records),
     }
-    summary = report.build(cfg, dataset, accuracy, result.report, percent, seconds=seconds)
+    summary = report.build(cfg, dataset, accuracy, result.report, prune_percent(cfg), seconds=seconds)
     return report.write(run_dir, summary)
 
 
@@ -231,6 +223,28 @@ def train_phase(
     finally:
         metrics.close()
         checkpoints.close()
+
+
+def prune_trained(
+    cfg: TrainConfig, state, eval_images, eval_data: EvalData, trained_accuracy=None, fold: str = "exact"
+):
+    """Prune a trained state the way `cfg` says (its sparse scales: xi for prox; NS's percentage for ns) and
+    score it: (PruneResult, {"sparse": acc or None, "pruned": acc}). `fold`: "exact" (carriers where
+    padding needs them), "closest" (the closest per-channel constant) or "none" (slice only)."""
+    if fold not in FOLDS:
+        raise ConfigError(f"--fold must be one of {', '.join(FOLDS)}; got {fold!r}")
+    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
+    model, sparse = state.apply_fn.model, state.variables(sparse_params(state, cfg.method))
+    scores = {"sparse": top1(state.apply_fn, sparse) if cfg.method == "prox" else None, "pruned": None}
+    probe = normalize(eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
+    result = pruning.prune(
+        model, sparse, percent=prune_percent(cfg), probe=probe, fold=fold != "none", exact=fold == "exact"
+    )
+    if result.model.widths == model.widths and fold != "none":  # nothing removed: the sparse model itself
+        scores["pruned"] = scores["sparse"] if cfg.method == "prox" else trained_accuracy
+    if scores["pruned"] is None:
+        scores["pruned"] = top1(Apply(result.model), result.variables)
+    return result, scores
 
 
 def save_pruned(path: Path, result) -> None:
