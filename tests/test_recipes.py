@@ -1,5 +1,8 @@
-"""experiments/recipes.py: every recipe is a valid config; the fast recipe keeps the paper's sparsity fixed
-points (checked on a quadratic with SGD momentum + palm_prox); the warm-up schedule."""
+"""experiments/: every recipe is a valid config; the fast recipe keeps the paper's sparsity fixed points
+(checked on a quadratic with SGD momentum + palm_prox); the warm-up schedule; bias_gradients.py."""
+
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,8 @@ import pytest
 from palm_jax import palm_prox
 from palm_jax.cli import build_parser, load_recipes, resolve_config
 from palm_jax.train import TrainConfig
-from palm_jax.train.state import lr_schedule
+from palm_jax.train.experiment import load_trained
+from palm_jax.train.state import lr_schedule, scale_leaves, sparse_params
 
 RECIPES = load_recipes()
 MOMENTUM = 0.9
@@ -76,3 +80,22 @@ def test_warmup_reaches_lr_linearly_then_drops():
 def test_warmup_epochs_must_be_finite_and_not_negative():
     with pytest.raises(ValueError, match="--warmup-epochs"):
         TrainConfig(warmup_epochs=-1)
+
+
+def test_bias_gradients_of_a_prox_run():
+    from train_helpers import tiny_run
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bias_gradients.py"
+    spec = importlib.util.spec_from_file_location("bias_gradients", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir, _ = tiny_run()
+    rows = {r["bn"]: r for r in script.bias_gradients(run_dir, images=64)}
+    cfg, state, _ = load_trained(run_dir)
+    xi = dict(scale_leaves(sparse_params(state, "prox")))
+    zeros = {name: int((np.asarray(v) == 0).sum()) for name, v in xi.items()}
+    assert {name: r["zero_channels"] for name, r in rows.items()} == {n: z for n, z in zeros.items() if z}
+    for name, r in rows.items():
+        bias = np.abs(np.asarray(state.params[name]["bias"]))[np.asarray(xi[name]) == 0]
+        assert r["decay_zero"] == pytest.approx(cfg.weight_decay * bias.mean())
+        assert np.isfinite(r["grad_zero"]) and r["grad_zero"] >= 0
