@@ -1,4 +1,5 @@
-"""CPU smoke runs of benchmarks/step_time.py and benchmarks/epoch_time.py with a tiny VGG (both at once)."""
+"""CPU smoke runs, all at once: benchmarks/step_time.py and benchmarks/epoch_time.py with a tiny VGG, and
+benchmarks/prune_time.py on VGG-19."""
 
 import importlib.util
 import json
@@ -16,6 +17,7 @@ COMMANDS = {
              "--num-images", "64", *TINY],
     "epoch": ["epoch_time.py", "--num-images", "128", "--eval-images", "32", "--batch-size", "32",
               "--epochs", "2", "--repeats", "2", *TINY],
+    "prune": ["prune_time.py", "--models", "vgg19"],
 }
 
 
@@ -115,3 +117,15 @@ def _script_module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_prune_time_exact_fold_keeps_the_logits(runs):
+    result, stdout = runs["prune"]
+    rows = {row["fold"]: row for row in result["rows"]}
+    assert set(rows) == {"exact", "closest"} and all(row["model"] == "vgg19" for row in rows.values())
+    exact, closest = rows["exact"], rows["closest"]
+    assert exact["max_logit_deviation"] < 1e-5 < closest["max_logit_deviation"]
+    assert closest["carrier_channels"] == 0 < exact["carrier_channels"]
+    assert exact["channels_after"] == closest["channels_after"] + exact["carrier_channels"]
+    assert exact["channels_after"] < exact["channels_before"] == 5504
+    assert _last_table(stdout)[-1][:2] == ["vgg19", "closest"]
