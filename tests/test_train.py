@@ -258,6 +258,16 @@ def test_bfloat16_model_is_evaluated_in_float32():
     assert np.isfinite(in_bf16["loss"])
 
 
+def test_bfloat16_run_prunes_and_checks_in_float32():
+    cfg = tiny_config(dtype="bfloat16", epochs=1)
+    run_dir = scratch_dir("bf16") / "run"
+    run_experiment(cfg, run_dir, log=lambda *_: None)
+    report = check_run(run_dir, cfg)
+    assert report["prune"]["max_logit_deviation"] < 1e-5  # float32 logits: the pruning's deviation alone
+    pruned = load_pruned(run_dir / "pruned")
+    assert pruned.model.dtype == jnp.float32
+
+
 def test_many_steps_per_dispatch_equal_one_step_per_dispatch():
     # 5 steps per epoch in dispatches of up to 3: chunks of 3 and 2 steps, one compiled loop program
     cfg = tiny_config(synthetic_images=160)

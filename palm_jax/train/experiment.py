@@ -27,6 +27,7 @@ from palm_jax.train.state import (
     Apply,
     build_model,
     create_train_state,
+    float32_apply,
     init_variables,
     lr_schedule,
     make_optimizer,
@@ -140,7 +141,8 @@ def run_experiment(
     result, scores = prune_trained(cfg, state, dataset.eval_images, eval_data, accuracy["trained"])
     accuracy.update(scores)
     if cfg.finetune_epochs:
-        tuned = train(result.model, result.variables, "finetune", cfg.finetune_epochs, "baseline")
+        tuned_model = result.model.clone(dtype=cfg.compute_dtype)
+        tuned = train(tuned_model, result.variables, "finetune", cfg.finetune_epochs, "baseline")
         result = result._replace(variables=tuned.variables())
         accuracy["finetuned"] = evaluate(tuned.apply_fn, tuned.variables(), eval_data)["accuracy"]
     save_pruned(run_dir / "pruned", result)
@@ -234,7 +236,8 @@ def prune_trained(
     if fold not in FOLDS:
         raise ConfigError(f"--fold must be one of {', '.join(FOLDS)}; got {fold!r}")
     top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
-    model, sparse = state.apply_fn.model, state.variables(sparse_params(state, cfg.method))
+    # pruned and checked in float32 whatever the compute dtype: the deviation is then the pruning's alone
+    model, sparse = float32_apply(state.apply_fn).model, state.variables(sparse_params(state, cfg.method))
     scores = {"sparse": top1(state.apply_fn, sparse) if cfg.method == "prox" else None, "pruned": None}
     probe = normalize(eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
     result = pruning.prune(
