@@ -97,21 +97,21 @@ def demo(method: str = "prox") -> dict:
     return values
 
 
-def _paper(model, depth, dataset, default_method="prox", recipe=paper):
+def _recipe(model, depth, dataset, default_method="prox", recipe=paper):
     return lambda method=default_method: recipe(model, depth, method, dataset)
 
 
 RECIPES = {
     "demo": demo,
-    "cifar10-vgg19": _paper("vgg", 19, "cifar10"),
-    "cifar10-vgg19-ns": _paper("vgg", 19, "cifar10", "ns"),
-    "cifar10-vgg19-baseline": _paper("vgg", 19, "cifar10", "baseline"),
-    "cifar10-vgg19-fast": _paper("vgg", 19, "cifar10", recipe=fast),
-    "cifar10-resnet164": _paper("resnet", 164, "cifar10"),
-    "cifar10-densenet40": _paper("densenet", 40, "cifar10"),
-    "cifar100-vgg19": _paper("vgg", 19, "cifar100"),
-    "cifar100-vgg19-ns": _paper("vgg", 19, "cifar100", "ns"),
-    "cifar100-vgg19-baseline": _paper("vgg", 19, "cifar100", "baseline"),
-    "cifar100-resnet164": _paper("resnet", 164, "cifar100"),
-    "cifar100-densenet40": _paper("densenet", 40, "cifar100"),
+    "cifar10-vgg19": _recipe("vgg", 19, "cifar10"),
+    "cifar10-vgg19-ns": _recipe("vgg", 19, "cifar10", "ns"),
+    "cifar10-vgg19-baseline": _recipe("vgg", 19, "cifar10", "baseline"),
+    "cifar10-vgg19-fast": _recipe("vgg", 19, "cifar10", recipe=fast),
+    "cifar10-resnet164": _recipe("resnet", 164, "cifar10"),
+    "cifar10-densenet40": _recipe("densenet", 40, "cifar10"),
+    "cifar100-vgg19": _recipe("vgg", 19, "cifar100"),
+    "cifar100-vgg19-ns": _recipe("vgg", 19, "cifar100", "ns"),
+    "cifar100-vgg19-baseline": _recipe("vgg", 19, "cifar100", "baseline"),
+    "cifar100-resnet164": _recipe("resnet", 164, "cifar100"),
+    "cifar100-densenet40": _recipe("densenet", 40, "cifar100"),
 }

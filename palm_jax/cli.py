@@ -239,7 +239,6 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_eval(args) -> int:
-
     from palm_jax.data import NUM_CLASSES, load_dataset
     from palm_jax.data.sources import read_npz
     from palm_jax.pruning import load_pruned

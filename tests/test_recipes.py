@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_helpers import tiny_run
 
 from palm_jax import palm_prox
 from palm_jax.cli import build_parser, load_recipes, resolve_config
@@ -83,8 +84,6 @@ def test_warmup_epochs_must_be_finite_and_not_negative():
 
 
 def test_bias_gradients_of_a_prox_run():
-    from train_helpers import tiny_run
-
     path = Path(__file__).resolve().parents[1] / "experiments" / "bias_gradients.py"
     spec = importlib.util.spec_from_file_location("bias_gradients", path)
     script = importlib.util.module_from_spec(spec)

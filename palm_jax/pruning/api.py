@@ -61,6 +61,11 @@ def _flatten(model, variables, probe):
     return paths, values, flat[1]
 
 
+def carrier_classes(carriers: dict | None) -> set:
+    """The class roots of the carriers (kernel leaf -> (input position, class root))."""
+    return {root for _, root in (carriers or {}).values()}
+
+
 def prune(
     model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True, exact=True
 ):
@@ -103,12 +108,13 @@ def prune(
             vals[bn.scale] = np.where(zero, 0, scale).astype(scale.dtype)
         return vals
 
-    def walk(bns, removed=None, uses=None, carriers=None):
-        """A walk with the scales of the `removed` classes and carriers (of every BN when None) at zero."""
-        zeroed = None if removed is None else removed | {root for _, root in (carriers or {}).values()}
+    def walk(bns, zeroed=None, uses=None, carriers=None):
+        """A walk with the scales of the `zeroed` classes (of every BN when None) at exactly zero; all of them
+        but the `carriers`' classes are removed."""
         graph.begin_walk()
         with_values = [Leaf(leaf.path, v, leaf.axes)
                        for leaf, v in zip(leaves, zero_scales(values, bns, zeroed), strict=True)]
+        removed = None if zeroed is None else zeroed - carrier_classes(carriers)
         return Walker(graph, with_values, removed, uses, carriers).run(closed, len(leaves))
 
     candidates = slicing.find_batchnorms(leaves)
@@ -129,16 +135,15 @@ def prune(
         if not fold:
             break
         carriers = {k: c for k, c in requested.items() if c[1] in removed} if exact else None
-        kept_zero = {root for _, root in (carriers or {}).values()}
-        folded = walk(bns, removed=removed - kept_zero, uses=first.uses, carriers=carriers)
+        folded = walk(bns, zeroed=removed, uses=first.uses, carriers=carriers)
         blocked |= folded.unfoldable  # (only with exotic gating) not constant after all: keep them
         requested.update(folded.requests)
         if not folded.unfoldable and not folded.requests:
             break
-    carrier_classes = {root for _, root in (carriers or {}).values()}
-    removed -= carrier_classes  # kept, with their scales at zero: constant inputs for the carried kernels
+    kept_zero = carrier_classes(carriers)
+    removed -= kept_zero  # kept, with their scales at zero: constant inputs for the carried kernels
 
-    adjusted = zero_scales(values, bns, carrier_classes) if carrier_classes else list(values)
+    adjusted = zero_scales(values, bns, kept_zero)
     for i, delta in (folded.adjust if folded else {}).items():
         adjusted[i] = (adjusted[i] + delta).astype(values[i].dtype)
     gone = slicing.removed_mask(graph, removed)
@@ -154,7 +159,7 @@ def prune(
         layers=[
             {"layer": layer.name, "before": int(before), "after": int(after), "clamped": i in clamped,
              "carriers": int(np.isin(graph.roots(leaves[layer.kernel].axes[layer.out_axis]),
-                                     list(carrier_classes)).sum())}
+                                     list(kept_zero)).sum())}
             for i, (layer, before, after) in enumerate(zip(own, model.widths, pruned.widths, strict=True))
         ],
         kept_meeting_criterion=sum(
@@ -166,7 +171,7 @@ def prune(
             "absorbed": sorted(set(folded.absorbed)) if folded else [],
             "approximate": sorted(set(folded.approximate)) if folded else [],
             "carriers": sorted(set(folded.carried)) if folded else [],
-            "carrier_channels": len(carrier_classes),
+            "carrier_channels": len(kept_zero),
             "unabsorbed": folded.unabsorbed if folded else [],
         },
     )

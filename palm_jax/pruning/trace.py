@@ -387,11 +387,9 @@ class Walker:
         if kernel in self.carriers:
             return self.carriers[kernel][0]
         size = np.where(np.isnan(lhs.const), 0.0, np.abs(lhs.const))
-        for usable in (~gone & (size > 0), gone & (size > 0)):
-            if np.any(usable):
-                j = int(np.argmax(np.where(usable, size, -1)))
-                if not gone[j]:
-                    return j
-                self.out.requests[kernel] = (j, int(self.graph.roots(lhs.nodes[j : j + 1])[0]))
-                return None
+        if np.any(~gone & (size > 0)):
+            return int(np.argmax(np.where(gone, 0.0, size)))
+        if np.any(size > 0):
+            j = int(np.argmax(size))
+            self.out.requests[kernel] = (j, int(self.graph.roots(lhs.nodes[j : j + 1])[0]))
         return None

@@ -238,15 +238,14 @@ def prune_trained(
     top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
     # pruned and checked in float32 whatever the compute dtype: the deviation is then the pruning's alone
     model, sparse = float32_apply(state.apply_fn).model, state.variables(sparse_params(state, cfg.method))
-    scores = {"sparse": top1(state.apply_fn, sparse) if cfg.method == "prox" else None, "pruned": None}
+    scores = {"sparse": top1(state.apply_fn, sparse) if cfg.method == "prox" else None}
     probe = normalize(eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
     result = pruning.prune(
         model, sparse, percent=prune_percent(cfg), probe=probe, fold=fold != "none", exact=fold == "exact"
     )
-    if result.model.widths == model.widths and fold != "none":  # nothing removed: the sparse model itself
-        scores["pruned"] = scores["sparse"] if cfg.method == "prox" else trained_accuracy
-    if scores["pruned"] is None:
-        scores["pruned"] = top1(Apply(result.model), result.variables)
+    unchanged = result.model.widths == model.widths  # nothing removed: the sparse model itself
+    known = (scores["sparse"] if cfg.method == "prox" else trained_accuracy) if unchanged else None
+    scores["pruned"] = known if known is not None else top1(Apply(result.model), result.variables)
     return result, scores
 
 
