@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -283,3 +284,13 @@ def test_a_damaged_prepared_split_names_the_folder_to_delete(cache, monkeypatch)
     with pytest.raises(DataFormatError) as error:
         load_dataset("cifar10")
     _assert_one_line(error.value, str(cache / "datasets" / "cifar10" / "test"), "delete that folder")
+
+
+def test_without_tqdm_the_download_works_without_a_bar(monkeypatch, capsys):
+    files, expected = cifar10_files(np.random.default_rng(5))
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # PYTHON=... an environment without tqdm
+    with serving(files) as server:
+        point_at(monkeypatch, "cifar10", _url(server), files)
+        data = load_dataset("cifar10")
+    np.testing.assert_array_equal(data.train_labels, expected["train"][1])
+    assert "downloading" in capsys.readouterr().err

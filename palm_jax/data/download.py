@@ -137,9 +137,13 @@ def _download_and_prepare(name, archive, download):
     if problem is not None:
         raise DataNotFoundError(f"cannot download {name}: {host} is unreachable ({problem}); "
                                 f"{POINT_AT_LOCAL_DATA}, or set {DOWNLOAD_ENV}=0 to never try")
-    os.makedirs(where, exist_ok=True)
     file_name = os.path.basename(urllib.parse.urlsplit(archive.url).path)
-    fd, part = tempfile.mkstemp(dir=where, prefix=f".{file_name}.", suffix=".part")
+    try:
+        os.makedirs(where, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=where, prefix=f".{file_name}.", suffix=".part")
+    except OSError as e:
+        raise DataNotFoundError(f"cannot write to {where} ({first_line(e)}); set PALM_JAX_CACHE to a "
+                                f"writable folder, or {POINT_AT_LOCAL_DATA}") from e
     try:
         with os.fdopen(fd, "wb") as out:
             _fetch(archive, out, f"{name}: {file_name}")
@@ -167,7 +171,8 @@ def _unreachable(url) -> str | None:
             pass  # the host answered
         except (OSError, http.client.HTTPException) as e:
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
-            outcome.append(f"{type(reason).__name__}: {first_line(reason)}")
+            is_error = isinstance(reason, BaseException)  # URLError.reason may also be a string
+            outcome.append(f"{type(reason).__name__}: {first_line(reason)}" if is_error else str(reason))
             return
         outcome.append(None)
 
@@ -183,28 +188,39 @@ def _request(url, method="GET"):
 
 def _fetch(archive, out, desc):
     """Streams `archive.url` into the open file `out` with a progress bar; its size and sha256 must match."""
-    from tqdm import tqdm
-
     digest, size = hashlib.sha256(), 0
     print(f"palm_jax: downloading {archive.url} ({archive.size / 2**20:.0f} MiB, once)", file=sys.stderr)
+    bar = _progress_bar(archive.size, desc)
     try:
-        with (urllib.request.urlopen(_request(archive.url), timeout=READ_TIMEOUT_S) as response,
-              tqdm(total=archive.size, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar):
+        with urllib.request.urlopen(_request(archive.url), timeout=READ_TIMEOUT_S) as response:
             while chunk := response.read(_CHUNK_BYTES):
                 out.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
-                bar.update(len(chunk))
+                if bar is not None:
+                    bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a dropped connection
         raise DataNotFoundError(f"downloading {archive.url} failed after {size} of {archive.size} bytes "
                                 f"({type(e).__name__}: {first_line(e)}); run again, or {POINT_AT_LOCAL_DATA}"
                                 ) from e
+    finally:
+        if bar is not None:
+            bar.close()
     if size != archive.size or digest.hexdigest() != archive.sha256:
         raise DataFormatError(f"{archive.url}: the download is corrupt or partial ({size} bytes, sha256 "
                               f"{digest.hexdigest()[:16]}...; expected {archive.size} bytes, sha256 "
                               f"{archive.sha256[:16]}...) and was deleted; run again, or "
                               f"{POINT_AT_LOCAL_DATA}")
+
+
+def _progress_bar(total_bytes, desc):
+    """tqdm over bytes (a terminal redraws each second, a log gets a line every 30 s); None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # PYTHON=... without tqdm: the "downloading" line only
+        return None
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 def _read_cifar_tarball(path, archive, label_bytes, num_classes):
