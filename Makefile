@@ -38,7 +38,8 @@ lint: $(SETUP)
 # ---- experiments (palm_jax.cli train; recipes in experiments/recipes.py) -------------------------------------
 # make demo                                  whole pipeline on a CPU in minutes (generated images, or DATA_DIR)
 # make cifar10-vgg19 [DATA_DIR=dir] [EPOCHS=n] [BATCH=n] [TRAIN_IMAGES=n] [OUT=dir] [ARGS='--dtype bfloat16']
-# Data: DATA_DIR holds train.npz [test.npz] (e.g. ../shared/data/cifar10-jpeg); without it, TensorFlow Datasets.
+# Data: DATA_DIR holds train.npz [test.npz] (e.g. ../shared/data/cifar10-jpeg); without it, downloaded once
+# into ~/.cache/palm_jax/datasets (PALM_JAX_CACHE; PALM_JAX_DOWNLOAD=0 never downloads; see README "Data").
 # A target reruns as a resume: an interrupted run continues from its last checkpoint, a finished one only
 # rewrites its report. OUT defaults to runs/<target>[-<DATA_DIR name>][-e<EPOCHS>][-n<TRAIN_IMAGES>][-b<BATCH>];
 # delete it to start over. Without an accelerator a full-size target says so before training, with its

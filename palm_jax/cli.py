@@ -4,7 +4,7 @@
            overriding it; writes the run directory (--out) and prints `report: <path>` last.
     eval   CHECKPOINT: a run directory, one of its epoch checkpoints, or a pruned model (run/pruned); prints
            the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation hold-out) or
-           the TFDS test split, and writes it as JSON.
+           the downloaded test split, and writes it as JSON.
     prune  RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
            RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
 
@@ -41,7 +41,7 @@ TRAIN_OPTIONS = {  # option -> (TrainConfig field, type, help)
         int,
         "number of generated training images (--dataset synthetic)",
     ),
-    "--data-dir": ("data_dir", str, "folder with train.npz [test.npz] (default: TensorFlow Datasets)"),
+    "--data-dir": ("data_dir", str, "folder with train.npz [test.npz] (default: downloaded once)"),
     "--seed": ("seed", int, "seed of initialisation, data order and augmentation"),
     "--finetune-epochs": ("finetune_epochs", int, "fine-tune the pruned model for N epochs (0: none)"),
     "--finetune-lr": ("finetune_lr", float, "initial learning rate of fine-tuning (default: --lr)"),
@@ -274,7 +274,7 @@ def cmd_eval(args) -> int:
             data, source = load_data(cfg), "synthetic"
         else:
             data_dir = args.data_dir or (cfg.data_dir if cfg and cfg.dataset == dataset else None)
-            data, source = load_dataset(dataset, data_dir), data_dir or "tfds"
+            data, source = load_dataset(dataset, data_dir), data_dir or "downloaded"
         images, labels, split, num_classes = (
             data.eval_images,
             data.eval_labels,

@@ -93,7 +93,7 @@ def test_eval_of_a_run_and_of_its_pruned_model(capsys):
 
 
 def test_offline_without_data_is_one_line_naming_data_dir(tmp_path):
-    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds"), "PALM_JAX_TFDS_DOWNLOAD": "0"}
+    env = {"PALM_JAX_CACHE": str(tmp_path / "cache"), "PALM_JAX_DOWNLOAD": "0"}
     code, _, stderr = run_cli(
         "train", "--dataset", "cifar10", "--epochs", "1", "--out", str(tmp_path / "run"), env=env
     )

@@ -183,13 +183,6 @@ def test_missing_train_npz_names_what_was_looked_for_and_the_fix(tmp_path, cache
     _assert_one_line(error.value, str(tmp_path / "train.npz"), "--data-dir", "DATA_DIR")
 
 
-def test_without_tfds_installed_the_error_names_data_dir(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    with pytest.raises(DataNotFoundError) as error:
-        load_dataset("cifar10")
-    _assert_one_line(error.value, "tensorflow-datasets", "--data-dir", "DATA_DIR")
-
-
 def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="cifar100"):
         load_dataset("imagenet", "/nonexistent")

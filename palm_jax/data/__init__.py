@@ -1,10 +1,12 @@
-"""Datasets as host uint8 arrays (TFDS, local npz folders of JPEGs, generated images); on-device augmentation.
+"""Datasets as host uint8 arrays (downloaded once, local npz folders of JPEGs, generated images); on-device
+augmentation.
 
-    dataset = load_dataset("cifar10", data_dir="../shared/data/cifar10-jpeg")   # or data_dir=None: TFDS
+    dataset = load_dataset("cifar10", data_dir="../shared/data/cifar10-jpeg")   # or data_dir=None: download
     images = jax.device_put(dataset.train_images)                              # uint8, once
     batch = normalize(random_crop_flip(key, images[epoch_order(key, n, 64)[step]]))   # inside the jitted step
 
-TensorFlow Datasets is imported only when `load_dataset` is called without `data_dir`.
+Without `data_dir` the dataset is downloaded from its authors' site and prepared once
+(`palm_jax.data.download`); nothing here needs TensorFlow.
 """
 
 from palm_jax.data.augment import CIFAR_MEAN, CIFAR_STD, epoch_order, normalize, random_crop_flip

@@ -67,10 +67,10 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
     """Loads `name` ("cifar10", "cifar100", "svhn" or "synthetic") as host uint8 arrays.
 
     With `data_dir`: `DIR/train.npz` (+ `DIR/test.npz` if present). Without a test file the last
-    `val_images` training images become the eval set (`eval_split="val"`). Without `data_dir`: TensorFlow
-    Datasets' train and test splits, read from its data dir (`$TFDS_DATA_DIR`, default ~/tensorflow_datasets);
-    it downloads only when `download=True` or `PALM_JAX_TFDS_DOWNLOAD=1`, otherwise missing data is a quick
-    `DataNotFoundError`. `train_images=K` keeps the first K training images (after the hold-out).
+    `val_images` training images become the eval set (`eval_split="val"`). Without `data_dir`: the dataset's
+    train and test splits, downloaded from its authors' site and prepared on first use
+    (`palm_jax.data.download`; `download=False` or `PALM_JAX_DOWNLOAD=0` never downloads, and offline fails at
+    once with a `DataNotFoundError`). `train_images=K` keeps the first K training images (after the hold-out).
     Decoded npz images are cached (see the module docstring), so only the first load decodes JPEGs.
     """
     if name == "synthetic":
@@ -83,10 +83,10 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
     elif data_dir is not None:
         dataset = _load_npz_dir(name, os.fspath(data_dir), val_images)
     else:
-        from palm_jax.data.tfds import load_tfds
+        from palm_jax.data.download import load_split
 
-        train, test, num_classes = load_tfds(name, download=download)
-        dataset = Dataset(name, *train, *test, eval_split="test", num_classes=num_classes)
+        train, test = (load_split(name, split, download=download) for split in ("train", "test"))
+        dataset = Dataset(name, *train, *test, eval_split="test", num_classes=NUM_CLASSES[name])
     if train_images is not None:
         if not 0 < train_images <= len(dataset.train_labels):
             raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
