@@ -6,6 +6,7 @@ Train BatchNorm scales to exact zeros with an optax transform, then physically r
                      palm_jax.palm_prox(l1=4.5e-3, beta=100.0, learning_rate=lr))
     sparse = palm_jax.sparse_scales(params, opt_state)
     pruned = palm_jax.prune(model, {"params": sparse, "batch_stats": batch_stats})
+    variables = palm_jax.recalibrate_bn(pruned.model, pruned.variables, train_images)   # BN statistics only
 
 Names are imported lazily so that `import palm_jax` stays cheap and never pulls in TensorFlow.
 """
@@ -26,6 +27,7 @@ _EXPORTS = {
     "save_pruned": "palm_jax.pruning",
     "load_pruned": "palm_jax.pruning",
     "PrunedCheckpointError": "palm_jax.pruning",
+    "recalibrate_bn": "palm_jax.recalibrate",
     "models": "palm_jax.models",
 }
 
