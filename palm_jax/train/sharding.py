@@ -3,7 +3,7 @@
     mesh = make_mesh()                        # a 1-D Mesh over jax.devices(), axis "data"
     state = replicate(state, mesh)            # params, BN statistics, optimiser state (xi): a copy per device
     data = replicate(data, mesh)              # the uint8 training set: a full copy per device
-    eval_data = shard_eval(eval_data, mesh)   # eval batches [nb, b, ...]: b split over "data"
+    eval_data = shard_eval(eval_data, mesh)   # eval batches [nb, b, ...]: b split over "data" (one process)
     order = shard_batches(order, mesh)        # batch indices [K, B]: B split over "data"
     state, metrics = train_chunk(state, data, order, n, dtype=dtype)   # unchanged: jit + GSPMD split it
 
@@ -16,15 +16,22 @@ draws (threefry random bits do not depend on the sharding). The results equal th
 summation order (tests/test_sharding.py). The dataset is replicated rather than sharded because a random
 batch gathered from a sharded dataset would be an all-to-all every step; CIFAR is 150 MB of uint8.
 
-Multi-host: start one process per host (or per GPU) and call `initialize_distributed()` in each before any
-other JAX call. `jax.devices()` then lists the devices of every process and the mesh spans them all. Every
-process loads the same dataset and uses the same seed, so the host values are identical and `replicate` /
-`shard_batches` assemble global arrays from them; each process feeds its own devices. On one process
-`initialize_distributed()` does nothing, so scripts can always call it:
+Multi-host (docs/multihost.md): start the same command on every host (one process per host) with
+$JAX_COORDINATOR_ADDRESS (host 0's address and a free port), $JAX_NUM_PROCESSES and $JAX_PROCESS_ID, and call
+`initialize_distributed()` before any other JAX call. `jax.devices()` then lists the devices of every
+process and the mesh spans them all. Per-host data: every process loads the WHOLE dataset (the same files)
+and `replicate` puts a copy on each of its devices; the batch indices are computed from the seed, identical
+on every process, and `shard_batches` splits each batch over all devices in process order, so process p of P
+runs columns [p B / P, (p + 1) B / P) of every batch on its devices. `place` builds each global array from
+the process's own host values. Eval batches are replicated with several processes (see `shard_eval`).
+On one process `initialize_distributed()` does nothing, so scripts can always call it:
 
     # host 0 of 2 (host 1: JAX_PROCESS_ID=1), same command otherwise
-    JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
+    JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python -m palm_jax.cli train
     # under Slurm or Open MPI the three are detected: initialize_distributed() alone is enough
+
+tests/test_multihost.py runs 2 processes x 2 CPU devices on one machine (CPU collectives: gloo, JAX's
+default) against a 1-device run.
 """
 
 import os
@@ -98,9 +105,12 @@ def shard_batches(batch_idx, mesh: Mesh, axis: int = 1):
 
 
 def shard_eval(eval_data: EvalData, mesh: Mesh) -> EvalData:
-    """Eval batches [nb, b, ...] split on b when it divides evenly, replicated otherwise."""
+    """Eval batches [nb, b, ...] split on b when it divides evenly, replicated otherwise, and always with
+    several processes: `evaluate` walks the batches on the host, which JAX allows for a global array only when
+    every process holds all of it."""
     b = eval_data.labels.shape[1]
-    sharding = split_on(mesh, 1) if b % mesh.size == 0 else replicated(mesh)
+    split = b % mesh.size == 0 and jax.process_count() == 1
+    sharding = split_on(mesh, 1) if split else replicated(mesh)
     return EvalData(*(place(x, sharding) for x in eval_data))
 
 
