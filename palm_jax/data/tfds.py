@@ -29,8 +29,9 @@ def download_requested(download=None) -> bool:
     return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_tfds(name, *, download=None):
-    """((train images, labels), (test images, labels), num_classes) of `name` from TFDS, as numpy arrays."""
+def load_tfds(name, *, download=None, train_splits=("train",)):
+    """((train images, labels), (test images, labels), num_classes) of `name` from TFDS, as numpy arrays; the
+    training images are those of `train_splits` in order (SVHN: ("train", "extra"))."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -47,7 +48,9 @@ def load_tfds(name, *, download=None):
                     f"it set {DOWNLOAD_ENV}=1 (needs network and tensorflow), or {POINT_AT_LOCAL_DATA}")
             _download(builder, tfds_name)
         num_classes = builder.info.features["label"].num_classes
-        return _read_split(tfds, builder, "train"), _read_split(tfds, builder, "test"), num_classes
+        parts = [_read_split(tfds, builder, split) for split in train_splits]
+        train = tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return train, _read_split(tfds, builder, "test"), num_classes
 
 
 def _download(builder, tfds_name):
