@@ -16,6 +16,7 @@ import palm_jax.train
 from palm_jax.pruning import load_pruned
 from palm_jax.train import Checkpoints, Inputs, TrainConfig, TrainingDiverged, fit, run_experiment
 from palm_jax.train.experiment import accuracy_of, load_data, load_trained
+from palm_jax.train.loop import steps_per_epoch
 from palm_jax.train.metrics import MetricsWriter, read_metrics
 from palm_jax.train.state import (
     Apply,
@@ -80,7 +81,8 @@ def check_run(run_dir, cfg) -> dict:
         assert (run_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     records = read_metrics(run_dir, "train")
     assert [r["epoch"] for r in records] == list(range(1, cfg.epochs + 1))
-    assert [r["step"] for r in records] == [STEPS_PER_EPOCH * e for e in range(1, cfg.epochs + 1)]
+    steps = steps_per_epoch(len(load_data(cfg).train_labels), cfg.batch_size)
+    assert [r["step"] for r in records] == [steps * e for e in range(1, cfg.epochs + 1)]
     for r in records:
         assert set(r) >= RECORD_KEYS and all(np.isfinite(r[k]) for k in RECORD_KEYS - {"phase"})
     assert records[0]["lr"] == pytest.approx(cfg.lr)
@@ -136,6 +138,7 @@ def test_prox_prunes_exactly_the_zero_xi_channels():
 @pytest.mark.parametrize("method", ["ns", "ista", "baseline"])
 def test_other_methods_end_to_end(method):
     cfg = tiny_config(
+        synthetic_images=128,  # whole batches: the partial last one is the tiny run's, not compiled again
         method=method,
         epochs=1,
         finetune_epochs=0,
@@ -268,7 +271,7 @@ def test_bfloat16_model_is_evaluated_in_float32():
 
 
 def test_bfloat16_run_prunes_and_checks_in_float32():
-    cfg = tiny_config(dtype="bfloat16", epochs=1)
+    cfg = tiny_config(dtype="bfloat16", epochs=1, synthetic_images=128)
     run_dir = scratch_dir("bf16") / "run"
     run_experiment(cfg, run_dir, log=lambda *_: None)
     report = check_run(run_dir, cfg)
@@ -317,7 +320,7 @@ def test_without_matplotlib_the_run_skips_only_the_plots(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a bare accelerator machine
     monkeypatch.setitem(sys.modules, "palm_jax.train.plots", None)
     monkeypatch.delattr(palm_jax.train, "plots", raising=False)  # set once an earlier run imported it
-    cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0)
+    cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0, synthetic_images=128)
     run_dir = scratch_dir("noplots") / "run"
     logged = []
     run_experiment(cfg, run_dir, log=logged.append)
