@@ -198,8 +198,10 @@ def _dispatches(state, inputs: Inputs, cfg: TrainConfig, epoch: int) -> list[tup
     rest = rest[None]
     if inputs.mesh is not None:
         order = sharding.shard_batches(order, inputs.mesh)
-        split = last % inputs.mesh.size == 0
-        rest = sharding.shard_batches(rest, inputs.mesh) if split else sharding.replicate(rest, inputs.mesh)
+        if last and last % inputs.mesh.size == 0:
+            rest = sharding.shard_batches(rest, inputs.mesh)
+        elif last:
+            rest = sharding.replicate(rest, inputs.mesh)
     dispatches = [(order[c * chunk : (c + 1) * chunk], min(chunk, full - c * chunk), cfg.batch_size)
                   for c in range(num_chunks)]
     return dispatches + ([(rest, 1, last)] if last else [])
