@@ -21,15 +21,19 @@ def empty_tfds_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, tfds_name, num_classes", [
     ("cifar10", "cifar10", 10), ("cifar100", "cifar100", 100), ("svhn", "svhn_cropped", 10)])
 def test_mocked_tfds_train_and_test_splits(name, tfds_name, num_classes):
+    train_splits = ("train", "extra") if name == "svhn" else ("train",)  # SVHN trains on train + extra
     with tfds.testing.mock_data(num_examples=6):
         data = load_dataset(name, download=True)  # the mocked download is a no-op
         expected = {split: [tfds.data_source(tfds_name, split=split)[i] for i in range(6)]
-                    for split in ("train", "test")}
+                    for split in ("train", "extra", "test") if split != "extra" or name == "svhn"}
+    expected["train"] = [example for split in train_splits for example in expected[split]]
     assert data.name == name and data.eval_split == "test" and data.num_classes == num_classes
+    assert data.train_splits == train_splits
     for split, images, labels in (("train", data.train_images, data.train_labels),
                                   ("test", data.eval_images, data.eval_labels)):
-        assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
-        assert labels.shape == (6,) and labels.dtype == np.int32
+        n = len(expected[split])
+        assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
+        assert labels.shape == (n,) and labels.dtype == np.int32
         np.testing.assert_array_equal(images, [example["image"] for example in expected[split]])
         np.testing.assert_array_equal(labels, [example["label"] for example in expected[split]])
 
