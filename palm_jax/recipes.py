@@ -172,7 +172,7 @@ class Recipe:
         }[Method(v["method"])]
         pruning = "zero channels" if v["prune_percent"] is None else f"{v['prune_percent']:g}% of channels"
         tune = {0: "", None: ", fine-tune as many epochs"}.get(
-            v["finetune_epochs"], f", fine-tune {v['finetune_epochs']}"
+            v["finetune_epochs"], f", fine-tune {v['finetune_epochs']} epochs"
         )
         text = (
             f"{v['model']}{v['depth']} on {v['dataset']}, {v['method']} ({sparsity}), {v['epochs']} epochs "
