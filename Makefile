@@ -35,32 +35,34 @@ test: $(SETUP)
 lint: $(SETUP)
 	$(PY) -m ruff check .
 
-# ---- experiments (palm_jax.cli train; recipes in experiments/recipes.py) -------------------------------------
+# ---- experiments: one target per recipe of palm_jax/recipes.py (`palm-jax recipes` lists them) --------------
 # make demo                                  whole pipeline on a CPU in minutes (generated images, or DATA_DIR)
 # make cifar10-vgg19 [DATA_DIR=dir] [EPOCHS=n] [BATCH=n] [TRAIN_IMAGES=n] [OUT=dir] [ARGS='--dtype bfloat16']
 # Data: DATA_DIR holds train.npz [test.npz] (e.g. ../shared/data/cifar10-jpeg); without it, downloaded once
 # into ~/.cache/palm_jax/datasets (PALM_JAX_CACHE; PALM_JAX_DOWNLOAD=0 never downloads; see README "Data").
 # A target reruns as a resume: an interrupted run continues from its last checkpoint, a finished one only
-# rewrites its report. OUT defaults to runs/<target>[-<DATA_DIR name>][-e<EPOCHS>][-n<TRAIN_IMAGES>][-b<BATCH>];
-# delete it to start over. Without an accelerator a full-size target says so before training, with its
-# estimated time, and runs on.
+# rewrites its report. OUT defaults to runs/<target>[-<DATA_DIR name>][-e<EPOCHS>][-n<TRAIN_IMAGES>][-b<BATCH>]
+# (named by the CLI); delete it to start over. Without an accelerator a full-size target says so before
+# training, with its estimated time, and runs on.
 DATA_DIR ?=
 EPOCHS ?=
 BATCH ?=
 TRAIN_IMAGES ?=
 OUT ?=
 ARGS ?=
-EXPERIMENTS := cifar10-vgg19 cifar10-vgg19-ns cifar10-vgg19-baseline cifar10-vgg19-fast cifar10-resnet164 cifar10-densenet40 \
-	cifar100-vgg19 cifar100-vgg19-ns cifar100-vgg19-baseline cifar100-resnet164 cifar100-densenet40
-run_dir = $(or $(OUT),runs/$(1)$(if $(DATA_DIR),-$(notdir $(abspath $(DATA_DIR))))$(if $(EPOCHS),-e$(EPOCHS))$(if \
-	$(TRAIN_IMAGES),-n$(TRAIN_IMAGES))$(if $(BATCH),-b$(BATCH)))
-train_args = --out $(call run_dir,$(1)) --resume $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+# The recipe names, read from palm_jax/recipes.py by any Python (it imports no JAX).
+RECIPES := $(shell $(or $(PYTHON),$(BOOTSTRAP_PYTHON)) -m palm_jax.recipes 2>/dev/null)
+EXPERIMENTS := $(filter-out demo,$(RECIPES))
+train_args = $(if $(OUT),--out $(OUT)) --resume $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) \
 	$(if $(TRAIN_IMAGES),--train-images $(TRAIN_IMAGES)) $(ARGS)
 
-.PHONY: demo $(EXPERIMENTS)
+.PHONY: demo recipes $(EXPERIMENTS)
 $(EXPERIMENTS): $(SETUP)
-	$(PY) -m palm_jax.cli train --recipe $@ $(call train_args,$@)
+	$(PY) -m palm_jax.cli train --recipe $@ $(train_args)
 
 demo: $(SETUP)
-	$(PY) -m palm_jax.cli train --recipe demo $(if $(DATA_DIR),--dataset cifar10) $(call train_args,$@)
+	$(PY) -m palm_jax.cli train --recipe demo $(if $(DATA_DIR),--dataset cifar10) $(train_args)
+
+recipes: $(SETUP)
+	$(PY) -m palm_jax.cli recipes

@@ -63,7 +63,7 @@ def run(args) -> dict:
 
     from palm_jax.train.config import TrainConfig
     from palm_jax.train.experiment import train_phase
-    from palm_jax.train.loop import chunk_layout, default_steps_per_dispatch, epoch_batches
+    from palm_jax.train.loop import Inputs, chunk_layout, default_steps_per_dispatch, epoch_batches
     from palm_jax.train.metrics import read_metrics
     from palm_jax.train.state import build_model, init_variables
     from palm_jax.train.step import evaluate, to_device, to_eval_batches, train_chunk
@@ -85,29 +85,30 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="palm_jax_epoch_time_") as run_dir:
         start = time.perf_counter()
-        state = train_phase(cfg, model, variables, data, eval_data, Path(run_dir), "train", cfg.epochs,
-                            cfg.method, resume=False, callback=None)
+        inputs = Inputs(data, eval_data, dataset.preprocess)
+        state = train_phase(cfg, "train", model, variables, inputs, Path(run_dir))
         end_to_end_s = time.perf_counter() - start
         epoch_s = [r["seconds"] for r in read_metrics(Path(run_dir), "train")]
     steady_s = statistics.median(epoch_s[1:] or epoch_s)
 
     n, b = len(dataset.train_labels), cfg.batch_size
-    steps = n // b
+    steps = n // b  # the full batches (the loop runs a last partial one besides)
     num_chunks, chunk = chunk_layout(steps, cfg.steps_per_dispatch or default_steps_per_dispatch(steps))
-    order_of = lambda epoch: epoch_batches(state.rng, epoch, n, b, num_chunks * chunk)
+    order_of = lambda epoch: epoch_batches(state.rng, epoch, n, b, num_chunks * chunk)[0]
     order = jax.block_until_ready(order_of(1))
 
     def one_epoch():
         nonlocal state
         for c in range(num_chunks):
             state, out = train_chunk(state, data, order[c * chunk:(c + 1) * chunk],
-                                     jax.numpy.int32(min(chunk, steps - c * chunk)), dtype=cfg.compute_dtype)
+                                     jax.numpy.int32(min(chunk, steps - c * chunk)), dtype=cfg.compute_dtype,
+                                     preprocess=dataset.preprocess)
         jax.block_until_ready((state, out))
 
     augment_epoch = jax.jit(lambda key, idx: augment_only(data, key, idx, steps, cfg.compute_dtype))
     parts = {
         "compute": one_epoch,
-        "eval": lambda: evaluate(state.apply_fn, state.variables(), eval_data),
+        "eval": lambda: evaluate(state.apply_fn, state.variables(), eval_data, dataset.preprocess),
         "index": lambda: jax.block_until_ready(order_of(2)),
         "augment": lambda: jax.block_until_ready(augment_epoch(state.rng, order)),
     }

@@ -55,10 +55,9 @@ stage() {  # stage NAME LIMIT COMMAND...: run under a time limit; log exit statu
 recipe() {  # recipe TARGET LIMIT NAME: one make target in a fresh run folder outside $OUT, collected to NAME.json
   local target=$1 limit=$2 name=$3 runs
   if ! have_data; then echo "=== $name: skipped (no $DATA_DIR/train.npz)"; return; fi
-  local has_recipe="import sys; from palm_jax.cli import load_recipes"
-  has_recipe+="; sys.exit('$target' not in load_recipes().RECIPES)"
+  local has_recipe="import sys; from palm_jax.recipes import RECIPES; sys.exit('$target' not in RECIPES)"
   if ! $PY -c "$has_recipe"; then
-    echo "=== $name: skipped (no recipe $target in experiments/recipes.py)"; return
+    echo "=== $name: skipped (no recipe $target in palm_jax/recipes.py)"; return
   fi
   runs=$(mktemp -d /tmp/palm_jax_runs.XXXX)  # checkpoints are large and deep: never under $OUT
   if command -v make >/dev/null; then

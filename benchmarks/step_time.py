@@ -84,7 +84,7 @@ class JaxBench:
             cfg = TrainConfig(model="vgg", depth=args.model_depth, widths=widths, batch_size=batch,
                               dtype=dtype, method="prox" if impl == "prox" else "baseline", lr=LR)
             model = build_model(cfg, NUM_CLASSES)
-            tx = make_optimizer(cfg, total_steps=10**9)  # the initial learning rate throughout
+            tx = make_optimizer(cfg.replace(lr_drops=()), steps_per_epoch=1)  # the initial lr throughout
             state = create_train_state(model, tx, init_variables(model, 0, IMAGE_SHAPE), seed=0)
             runs[impl] = {"state": state, "dtype": cfg.compute_dtype, "times": []}
 

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from palm_jax.data import normalize
 from palm_jax.train.experiment import load_data, load_trained
 from palm_jax.train.state import scale_leaves, sparse_params
 from palm_jax.train.step import cross_entropy
@@ -26,17 +25,18 @@ from palm_jax.train.step import cross_entropy
 
 def bias_gradients(run_dir: Path, images: int = 1000) -> list[dict]:
     cfg, state, _ = load_trained(run_dir)
-    if cfg.method != "prox":
+    if not cfg.method.keeps_xi:
         raise SystemExit(f"{run_dir}: a prox run is needed (xi), this one is {cfg.method}")
     data = load_data(cfg)
-    x, labels = normalize(jnp.asarray(data.train_images[:images])), jnp.asarray(data.train_labels[:images])
+    x = data.preprocess.eval(jnp.asarray(data.train_images[:images]))
+    labels = jnp.asarray(data.train_labels[:images])
 
     def loss(params):
         logits, _ = state.apply_fn(state.variables(params), x, train=True, mutable=["batch_stats"])
         return cross_entropy(logits, labels).mean()
 
     grads = jax.grad(loss)(state.params)
-    xi = dict(scale_leaves(sparse_params(state, "prox")))
+    xi = dict(scale_leaves(sparse_params(state, cfg.method)))
     rows = []
     for module, _ in scale_leaves(state.params):
         zero = np.asarray(xi[module]) == 0

@@ -1,12 +1,15 @@
-"""Command line: `python -m palm_jax.cli train|eval|prune ...`.
+"""Command line: `palm-jax train|recipes|eval|prune ...` (also `python -m palm_jax.cli ...`).
 
-    train  --recipe NAME (experiments/recipes.py; default: the paper recipe of --model/--method), any option
-           overriding it; writes the run directory (--out) and prints `report: <path>` last.
-    eval   CHECKPOINT: a run directory, one of its epoch checkpoints, or a pruned model (run/pruned); prints
-           the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation hold-out) or
-           the downloaded test split, and writes it as JSON.
-    prune  RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
-           RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
+    train    --recipe NAME (palm_jax/recipes.py; default: the paper recipe of --model/--method/--dataset), any
+             option overriding it (one per TrainConfig field); writes the run directory (--out, default
+             runs/<recipe>[-<data folder>][-e<epochs>][-n<train images>][-b<batch>]) and prints
+             `report: <path>` last.
+    recipes  lists the recipes; `recipes NAME [options] [--json]` prints the settings a train run would use.
+    eval     CHECKPOINT: a run directory, one of its epoch checkpoints, or a pruned model (run/pruned); prints
+             the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation
+             hold-out) or the downloaded test split, and writes it as JSON.
+    prune    RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
+             RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
 
 A user error (bad option, missing data, foreign checkpoint) prints one line and exits with status 2; a
 diverged run (NaN or infinite loss) prints the step and exits with 3; an interrupted one exits with 130 and
@@ -14,50 +17,16 @@ can be continued with --resume. Set PALM_JAX_DEBUG=1 to get tracebacks instead.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from palm_jax import recipes
+from palm_jax.utils import abstract_variables, first_line
+
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-RECIPES_FILE = Path(__file__).resolve().parents[1] / "experiments" / "recipes.py"
-TRAIN_OPTIONS = {  # option -> (TrainConfig field, type, help)
-    "--model": ("model", str, "vgg, resnet (PreResNet) or densenet"),
-    "--depth": ("depth", int, "network depth (VGG 11/13/16/19, PreResNet 9n+2, DenseNet 3n+4)"),
-    "--widths": ("widths", None, "comma-separated output width of every conv (a narrow model)"),
-    "--dataset": ("dataset", str, "cifar10, cifar100, svhn or synthetic (generated images)"),
-    "--method": ("method", str, "prox (PALM), ns (Network Slimming), ista (soft threshold) or baseline"),
-    "--l1": ("l1", float, "sparsity weight on sum |BN scale|"),
-    "--beta": ("beta", float, "PALM coupling weight (prox)"),
-    "--epochs": ("epochs", int, "training epochs"),
-    "--batch-size": ("batch_size", int, "training batch size"),
-    "--lr": ("lr", float, "initial learning rate (divided by 10 at 50%% and 75%% of training)"),
-    "--warmup-epochs": ("warmup_epochs", float, "reach --lr linearly over this many epochs (default 0)"),
-    "--train-images": ("train_images", int, "use only the first N training images (a quick look)"),
-    "--synthetic-images": (
-        "synthetic_images",
-        int,
-        "number of generated training images (--dataset synthetic)",
-    ),
-    "--data-dir": ("data_dir", str, "folder with train.npz [test.npz] (default: downloaded once)"),
-    "--seed": ("seed", int, "seed of initialisation, data order and augmentation"),
-    "--finetune-epochs": ("finetune_epochs", int, "fine-tune the pruned model for N epochs (0: none)"),
-    "--finetune-lr": ("finetune_lr", float, "initial learning rate of fine-tuning (default: --lr)"),
-    "--prune-percent": (
-        "prune_percent",
-        float,
-        "prune this global %% of channels by |scale| (default: the "
-        "recipe's; prox/ista prune exactly the zero channels)",
-    ),
-    "--dtype": ("dtype", str, "compute dtype float32 or bfloat16 (params, BN stats and xi stay float32)"),
-    "--steps-per-dispatch": (
-        "steps_per_dispatch",
-        int,
-        "train steps per compiled call (default: 1 on CPU, up to 100 on accelerators)",
-    ),
-}
 
 
 class UsageError(Exception):
@@ -70,29 +39,78 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def load_recipes() -> dict:
-    if not RECIPES_FILE.is_file():
-        raise UsageError(
-            f"recipes not found at {RECIPES_FILE}: run from a palm_jax checkout, or pass every option"
-        )
-    spec = importlib.util.spec_from_file_location("palm_jax_recipes", RECIPES_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (`--batch-size` for `batch_size`), typed, with the field's help and
+    default; an option not given sets nothing (argparse.SUPPRESS), so that the options given can be told from
+    the recipe's values (`given_settings`)."""
+    from palm_jax.train.config import option_fields
+
+    group = parser.add_argument_group(
+        "settings", "each overrides the recipe's value; the defaults shown are TrainConfig's, i.e. the "
+        "cifar10-vgg19 recipe's; a setting that may be unset also takes 'none'")
+    for f, kind, optional in option_fields():
+        choices = f.metadata.get("choices")
+        shown = _show(f.default)
+        extra = f"; one of {', '.join(choices)}" if choices else ""
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
+                           type=_parser_of(kind, optional, choices), default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {shown}{extra})")
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _parser_of(kind, optional: bool, choices):
+    """The argparse `type` of a field: ints, floats, strings, comma-separated tuples; 'none' for None."""
+    import typing
+
+    element = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+    what = (f"comma-separated {element.__name__}s" if element else
+            "text" if issubclass(kind, str) else f"a number ({kind.__name__})")
+
+    def parse(text: str):
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            value = tuple(element(x) for x in text.split(",")) if element else (
+                str(text) if issubclass(kind, str) else kind(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return value
+
+    return parse
+
+
+def recipe_list() -> str:
+    return "\n".join(f"  {name:24} {recipe.summary}" for name, recipe in recipes.RECIPES.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="palm_jax", description="Proximal network slimming: train, prune, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    train = commands.add_parser("train", help="train, prune, (fine-tune) and report one experiment")
-    train.add_argument("--recipe", help="a recipe of experiments/recipes.py, e.g. cifar10-vgg19 or demo")
-    for option, (field, kind, help_text) in TRAIN_OPTIONS.items():
-        train.add_argument(option, dest=field, type=_widths if field == "widths" else kind, help=help_text)
-    train.add_argument("--out", help="run directory (default: runs/<recipe or model-method-dataset>)")
+    train = commands.add_parser(
+        "train", help="train, prune, (fine-tune) and report one experiment",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="recipes:\n" + recipe_list())
+    train.add_argument("--recipe", help="a recipe (listed below; palm-jax recipes NAME shows its settings); "
+                       "default: the paper recipe of --model, --method and --dataset")
+    add_config_options(train)
+    train.add_argument("--out", help="run directory (default: runs/<recipe or dataset-model-method>, tagged "
+                       "-<data folder> -e<epochs> -n<train images> -b<batch> when those are given)")
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     train.set_defaults(func=cmd_train)
+
+    listing = commands.add_parser("recipes", help="list the recipes, or print one's settings")
+    listing.add_argument("recipe", nargs="?", help="a recipe name (none: list them all)")
+    listing.add_argument("--json", action="store_true", help="print the settings as JSON")
+    add_config_options(listing)
+    listing.set_defaults(func=cmd_recipes)
 
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a saved checkpoint (trained or pruned)")
     evaluate.add_argument(
@@ -127,62 +145,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    return widths
+def given_settings(args) -> dict:
+    """The TrainConfig fields set on the command line."""
+    from palm_jax.train.config import option_fields
 
-
-def resolve_config(args) -> tuple[dict, str]:
-    """TrainConfig fields from the recipe (or the paper recipe) overridden by the options given; run name."""
-    recipes = load_recipes()
-    given = {
-        field: getattr(args, field)
-        for field, _, _ in TRAIN_OPTIONS.values()
-        if getattr(args, field) is not None
-    }
-    if args.recipe is not None:
-        if args.recipe not in recipes.RECIPES:
-            raise UsageError(f"--recipe {args.recipe!r} is not one of: {', '.join(recipes.RECIPES)}")
-        recipe = recipes.RECIPES[args.recipe]
-        values = recipe(given["method"]) if "method" in given else recipe()
-        name = args.recipe
-    else:
-        model = given.get("model", "vgg")
-        if model not in recipes.DEPTH:
-            raise UsageError(f"--model must be one of {', '.join(recipes.DEPTH)}; got {model!r}")
-        values = recipes.paper(
-            model, given.get("depth"), given.get("method", "prox"), given.get("dataset", "cifar10")
-        )
-        name = f"{values['dataset']}-{model}{values['depth']}-{values['method']}"
-    values.update(given)
-    if values.get("finetune_epochs") == recipes.SAME_AS_EPOCHS:
-        values["finetune_epochs"] = values["epochs"]
-    return values, name
+    return {f.name: getattr(args, f.name) for f, _, _ in option_fields() if hasattr(args, f.name)}
 
 
 def cmd_train(args) -> int:
-    from palm_jax.train import TrainConfig, run_experiment
+    from palm_jax.train import run_experiment
     from palm_jax.train.sharding import initialize_distributed
 
     initialize_distributed()  # multi-host: joins the other processes; one process: no-op
 
-    values, name = resolve_config(args)
-    cfg = TrainConfig.from_dict(values)
-    out = Path(args.out or Path("runs") / name)
-    on_data = None if args.recipe == "demo" else (lambda dataset: warn_if_cpu(cfg, dataset))
+    given = given_settings(args)
+    cfg, name = recipes.resolve(args.recipe, given)
+    out = Path(args.out) if args.out else recipes.default_run_dir(name, given)
+    quick = args.recipe in recipes.RECIPES and recipes.RECIPES[args.recipe].cpu_sized
+    on_data = None if quick else (lambda dataset: warn_if_cpu(cfg, dataset))
     report_path = run_experiment(cfg, out, resume=args.resume, on_data=on_data)
     summary = json.loads(report_path.read_text())
     acc = {k: (f"{100 * v:.2f}%" if v is not None else "-") for k, v in summary["accuracy"].items()}
     print(
-        f"accuracy ({summary['split']}): trained {acc['trained']}, sparse {acc['sparse']}, "
-        f"pruned {acc['pruned']}, fine-tuned {acc['finetuned']}; "
+        f"accuracy ({summary['split']}, {summary['headline']}): trained {acc['trained']}, sparse "
+        f"{acc['sparse']}, pruned {acc['pruned']}, fine-tuned {acc['finetuned']}; "
         f"channels {summary['channels']['after']}/{summary['channels']['before']}"
         f", params {summary['params']['after']}/{summary['params']['before']}"
     )
     print(f"report: {report_path}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    if args.recipe is None:
+        print(recipe_list())
+        return 0
+    cfg, _ = recipes.resolve(args.recipe, given_settings(args))
+    values = cfg.to_dict()
+    if args.json:
+        print(json.dumps(values, indent=1))
+    else:
+        print("\n".join(f"{name}: {_show(value)}" for name, value in values.items()))
     return 0
 
 
@@ -213,18 +216,13 @@ def warn_if_cpu(cfg, dataset) -> None:
 def estimate_cpu_seconds(cfg, train_images: int, eval_images: int, image_shape, num_classes: int) -> float:
     """3 x forward FLOPs (forward + backward) per training image and 1 x per eval image, each epoch, plus the
     two evaluations after training (sparse, pruned), at CPU_FLOPS_PER_CORE per core."""
-    import jax
-
     from palm_jax.pruning.report import forward_flops
     from palm_jax.train.state import build_model
 
     model = build_model(cfg, num_classes)
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *image_shape)), train=False)
-    )
-    flops = forward_flops(model, variables, tuple(image_shape))
+    flops = forward_flops(model, abstract_variables(model, image_shape), tuple(image_shape))
     per_epoch = 3 * train_images + eval_images
-    total = flops * ((cfg.epochs + cfg.finetune_epochs) * per_epoch + 2 * eval_images)
+    total = flops * ((cfg.epochs + cfg.finetune_epoch_count) * per_epoch + 2 * eval_images)
     return total / (CPU_FLOPS_PER_CORE * (os.cpu_count() or 1))
 
 
@@ -239,7 +237,7 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_eval(args) -> int:
-    from palm_jax.data import NUM_CLASSES, load_dataset
+    from palm_jax.data import DATASETS, NUM_CLASSES, load_dataset
     from palm_jax.data.sources import read_npz
     from palm_jax.pruning import load_pruned
     from palm_jax.train import TrainConfig
@@ -266,8 +264,7 @@ def cmd_eval(args) -> int:
     if args.npz:
         if dataset not in NUM_CLASSES:
             raise UsageError(f"--npz needs --dataset among {', '.join(NUM_CLASSES)}; got {dataset!r}")
-        num_classes = NUM_CLASSES[dataset]
-        images, labels = read_npz(args.npz, num_classes)
+        images, labels = read_npz(args.npz, NUM_CLASSES[dataset])
         split, source = "npz", args.npz
     else:
         if dataset == "synthetic" and cfg is not None:
@@ -275,30 +272,23 @@ def cmd_eval(args) -> int:
         else:
             data_dir = args.data_dir or (cfg.data_dir if cfg and cfg.dataset == dataset else None)
             data, source = load_dataset(dataset, data_dir), data_dir or "downloaded"
-        images, labels, split, num_classes = (
-            data.eval_images,
-            data.eval_labels,
-            data.eval_split,
-            data.num_classes,
-        )
+        images, labels, split = data.eval_images, data.eval_labels, data.eval_split
+    preprocess = DATASETS[dataset].preprocess
 
     result = {"checkpoint": str(path), "data": str(source), "split": split, "images": len(labels)}
     if pruned:
         model, variables, _ = load_pruned(path)
-        result["accuracy"] = accuracy_of(model, variables, images, labels, args.batch_size)
+        result["accuracy"] = accuracy_of(model, variables, images, labels, args.batch_size, preprocess)
     else:
         cfg, state, epoch = load_trained(
             run_dir, epoch, best=args.which == "best", image_shape=images.shape[1:]
         )
         result["epoch"] = epoch
-        result["accuracy"] = accuracy_of(
-            state.apply_fn.model, state.variables(), images, labels, args.batch_size
-        )
-        if cfg.method == "prox":
-            sparse = state.variables(sparse_params(state, "prox"))
-            result["accuracy_sparse"] = accuracy_of(
-                state.apply_fn.model, sparse, images, labels, args.batch_size
-            )
+        model = state.apply_fn.model
+        top1 = lambda variables: accuracy_of(model, variables, images, labels, args.batch_size, preprocess)
+        result["accuracy"] = top1(state.variables())
+        if cfg.method.keeps_xi:
+            result["accuracy_sparse"] = top1(state.variables(sparse_params(state, cfg.method)))
     out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {len(labels)} {split} images of {source}")
@@ -308,6 +298,7 @@ def cmd_eval(args) -> int:
 
 def cmd_prune(args) -> int:
     from palm_jax.train.experiment import CONFIG_FILE, load_data, load_trained, prune_trained, save_pruned
+    from palm_jax.train.loop import Inputs
     from palm_jax.train.step import to_eval_batches
 
     run_dir = Path(args.run_dir)
@@ -316,7 +307,8 @@ def cmd_prune(args) -> int:
     cfg, state, epoch = load_trained(run_dir, best=args.which == "best")
     data = load_data(cfg)
     eval_data = to_eval_batches(data.eval_images, data.eval_labels, cfg.eval_batch_size)
-    result, accuracy = prune_trained(cfg, state, data.eval_images, eval_data, fold=args.fold)
+    inputs = Inputs(None, eval_data, data.preprocess)
+    result, accuracy = prune_trained(cfg, state, data.eval_images, inputs, fold=args.fold)
     out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
     save_pruned(out, result)
     r = result.report
@@ -370,13 +362,8 @@ def main(argv=None) -> int:
 
         if debug or not isinstance(err, (*user_errors(), TrainingDiverged)):
             raise
-        print(f"palm_jax {args.command}: error: {_first_line(err)}", file=sys.stderr)
+        print(f"palm_jax {args.command}: error: {first_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -16,31 +16,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from palm_jax.utils import key_name, leaf_path  # noqa: F401  (re-exported: masks.leaf_path)
 
 Mask = Any  # None, a pytree of bools, or a callable (see the module docstring)
 LeafPath = tuple[str, ...]
-
-
-def key_name(key) -> str:
-    """The name of one path key: a dict key, attribute name or sequence index, as a string."""
-    if isinstance(key, DictKey):
-        return str(key.key)
-    if isinstance(key, GetAttrKey):
-        return key.name
-    if isinstance(key, SequenceKey):
-        return str(key.idx)
-    if isinstance(key, FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def leaf_path(path) -> LeafPath:
-    """Key names of a leaf's path, without the ``.value`` of an NNX ``Variable`` wrapper."""
-    names = tuple(key_name(k) for k in path)
-    if path and isinstance(path[-1], GetAttrKey) and path[-1].name == "value":
-        names = names[:-1]
-    return names
 
 
 def is_bn_scale(path, leaf) -> bool:

@@ -93,7 +93,26 @@ def _palm_step(u, p, xi, lr, l1, beta):
     return (gamma - p).astype(u.dtype), new_xi.astype(xi.dtype)
 
 
-def palm_prox(l1, beta, learning_rate, mask=None) -> optax.GradientTransformation:
+XI_UNIFORM_RANGE = (0.47, 0.53)  # the authors' xi init: proximal-ns models/vgg.py:45, preresnet.py:99-101,
+# densenet.py:115 (`weight_copy.data.uniform_(0.47,0.53)`), around their BN scale init 0.5 (vgg.py:80)
+
+
+def _initial_xi(params, selected, xi_init, xi_seed):
+    """xi at `init`: a copy of each selected leaf (None), or U(0.47, 0.53) draws of its shape ("uniform")."""
+    leaves, treedef = jax.tree.flatten(params)
+
+    def start(i, p):
+        if xi_init is None:
+            return jnp.array(p, copy=True)
+        key = jax.random.fold_in(jax.random.key(xi_seed), i)
+        return jax.random.uniform(key, jnp.shape(p), _wide(p), *XI_UNIFORM_RANGE).astype(p.dtype)
+
+    pairs = enumerate(zip(leaves, selected, strict=True))
+    xi = [start(i, p) if s else optax.MaskedNode() for i, (p, s) in pairs]
+    return treedef.unflatten(xi)
+
+
+def palm_prox(l1, beta, learning_rate, mask=None, xi_init=None, xi_seed=0) -> optax.GradientTransformation:
     """Proximal Network Slimming (Bui et al. 2023): the last link of an optax chain.
 
     For each selected leaf, with ``g = param + incoming update`` and ``a = 1 / learning_rate(count)``::
@@ -104,24 +123,27 @@ def palm_prox(l1, beta, learning_rate, mask=None) -> optax.GradientTransformatio
     and the outgoing update is ``gamma - param``. The code divides both fractions through by ``a``
     (``w = lr * beta``), which is the same update and stays finite if a schedule reaches ``lr = 0``.
     Unselected leaves pass through untouched. ``xi`` starts at the selected leaves' values at ``init``
-    (the authors draw it from U(0.47, 0.53)); read it with ``sparse_scales``.
+    (``xi_init=None``) or, with ``xi_init="uniform"``, as the authors' code starts it: each entry drawn from
+    U(0.47, 0.53) (``XI_UNIFORM_RANGE``), from ``jax.random.key(xi_seed)`` folded with the leaf's index.
+    Read it with ``sparse_scales``.
 
     Args:
       l1: weight of the l1 penalty on the scales, >= 0.
       beta: weight of the coupling ``beta/2 * ||gamma - xi||^2``, > 0.
       learning_rate: a float or an optax schedule, the same one the optimizer uses.
       mask: which leaves to act on (default: BatchNorm scales); see ``palm_jax.masks``.
+      xi_init: None (xi starts as a copy of the selected leaves) or "uniform" (U(0.47, 0.53), the authors').
+      xi_seed: the seed of the "uniform" draws.
     """
     _check("l1", l1, allow_zero=True)
     _check("beta", beta)
     lr_at = _schedule(learning_rate)
+    if xi_init not in (None, "uniform"):
+        raise ValueError(f"xi_init must be None (the params' values) or 'uniform', got {xi_init!r}")
 
     def init(params):
-        selected = masks.selection(params, mask)
-        leaves, treedef = jax.tree.flatten(params)
-        pairs = zip(leaves, selected, strict=True)
-        xi = [jnp.array(p, copy=True) if s else optax.MaskedNode() for p, s in pairs]
-        return PalmProxState(count=jnp.zeros([], jnp.int32), xi=treedef.unflatten(xi))
+        xi = _initial_xi(params, masks.selection(params, mask), xi_init, xi_seed)
+        return PalmProxState(count=jnp.zeros([], jnp.int32), xi=xi)
 
     def update(updates, state, params=None):
         _require(params, "palm_prox")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_prune_command_refolds_a_trained_run(capsys):
         results[fold] = result = json.loads((out / "prune.json").read_text())
         model, variables, _ = load_pruned(out)
         data = load_data(TrainConfig.load(run_dir / "config.json"))
-        accuracy = accuracy_of(model, variables, data.eval_images, data.eval_labels, 100)
+        accuracy = accuracy_of(model, variables, data.eval_images, data.eval_labels, 100, data.preprocess)
         assert accuracy == result["accuracy"]["pruned"]
     # the same pruning as the run's own (before its fine-tuning), and the same sparse model for every fold
     assert results["exact"]["channels"]["after"] == report["channels"]["after"]
@@ -133,3 +134,48 @@ def test_resume_with_other_options_and_foreign_checkpoints_are_one_line(capsys):
     (foreign / "config.json").write_text(json.dumps({**config, "widths": [8] * 8}))
     assert cli.main(["eval", str(foreign)]) == 2
     assert_one_line_error(2, capsys.readouterr().err, "does not fit")
+
+
+def test_recipes_command_lists_and_resolves(capsys):
+    from palm_jax.recipes import RECIPES, resolve
+
+    assert cli.main(["recipes"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert listed == list(RECIPES)
+    assert cli.main(["recipes", "cifar100-vgg19-ns", "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert settings == json.loads(json.dumps(resolve("cifar100-vgg19-ns", {})[0].to_dict()))
+    assert (settings["prune_percent"], settings["finetune_epochs"], settings["method"]) == (50.0, 160, "ns")
+    # options given are applied as `train` would apply them; NS fine-tunes as long as it trains
+    assert cli.main(["recipes", "cifar10-vgg19-ns", "--json", "--epochs", "3", "--lr-drops", "0.3,0.6",
+                     "--momentum", "0.8", "--weight-decay", "5e-4", "--prune-percent", "30"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert (settings["epochs"], settings["finetune_epochs"], settings["lr_drops"]) == (3, 3, [0.3, 0.6])
+    assert (settings["momentum"], settings["weight_decay"], settings["prune_percent"]) == (0.8, 5e-4, 30.0)
+    assert cli.main(["recipes", "demo", "--json", "--finetune-lr", "none"]) == 0  # 'none' unsets a setting
+    assert json.loads(capsys.readouterr().out)["finetune_lr"] is None
+    assert cli.main(["recipes", "cifar10-vgg19"]) == 0
+    assert "l1: 0.0045" in capsys.readouterr().out.splitlines()
+    assert cli.main(["recipes", "nope"]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "cifar10-vgg19-fast")
+
+
+def test_train_help_lists_recipes_and_defaults(capsys):
+    from palm_jax.recipes import RECIPES
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f" {name} " in text for name in RECIPES)
+    for option, default in (("--momentum", "0.9"), ("--weight-decay", "0.0001"), ("--lr-drops", "0.5,0.75"),
+                            ("--epochs", "160"), ("--xi-init", "none")):
+        assert re.search(rf"{option} [A-Z_]+ [^\]]*?\(default: {re.escape(default)}[;)]", text), option
+
+
+def test_default_run_directory_is_tagged_by_the_options_given(tmp_path):
+    from palm_jax.recipes import default_run_dir
+
+    data = tmp_path / "cifar10-jpeg"
+    given = {"data_dir": str(data) + "/", "epochs": 1, "train_images": 2000, "lr": 0.2}
+    assert default_run_dir("cifar10-vgg19", given) == Path("runs/cifar10-vgg19-cifar10-jpeg-e1-n2000")
+    assert default_run_dir("demo", {}) == Path("runs/demo")

@@ -14,9 +14,13 @@ from PIL import Image
 from palm_jax.data import (
     CIFAR_MEAN,
     CIFAR_STD,
+    DATASETS,
+    SVHN_MEAN,
+    SVHN_STD,
     DataFormatError,
     DataNotFoundError,
     Dataset,
+    epoch_batches,
     epoch_order,
     load_dataset,
     normalize,
@@ -292,3 +296,22 @@ def test_epoch_order_is_a_permutation_with_drop_remainder():
     np.testing.assert_array_equal(np.sort(exact.ravel()), np.arange(100))  # nothing dropped when it divides
     with pytest.raises(ValueError, match="batch_size=64"):
         epoch_order(jax.random.key(0), 10, 64)
+
+
+def test_epoch_batches_keep_the_last_partial_batch():
+    full, last = jax.jit(epoch_batches, static_argnums=(1, 2))(jax.random.key(0), 103, 10)
+    assert full.shape == (10, 10) and last.shape == (3,) and last.dtype == jnp.int32
+    np.testing.assert_array_equal(np.sort(np.r_[np.ravel(full), last]), np.arange(103))  # each example once
+    np.testing.assert_array_equal(full, epoch_order(jax.random.key(0), 103, 10))  # the same full batches
+    assert epoch_batches(jax.random.key(0), 100, 10)[1].shape == (0,)
+
+
+def test_preprocess_of_svhn_only_normalises_with_its_own_statistics():
+    images = jnp.asarray(np.random.default_rng(4).integers(0, 256, (8, 6, 6, 3), dtype=np.uint8))
+    svhn, cifar = DATASETS["svhn"].preprocess, DATASETS["cifar10"].preprocess
+    expected = (np.asarray(images) / 255.0 - np.array(SVHN_MEAN)) / np.array(SVHN_STD)
+    for key in (jax.random.key(0), jax.random.key(1)):  # no randomness: neither crop nor flip
+        np.testing.assert_allclose(svhn.train(key, images), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(svhn.eval(images), expected, rtol=1e-5, atol=1e-5)
+    key = jax.random.key(2)
+    np.testing.assert_array_equal(cifar.train(key, images), normalize(random_crop_flip(key, images)))

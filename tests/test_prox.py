@@ -353,3 +353,37 @@ def test_sparse_scales_without_palm_state_is_an_error():
     other = PalmProxState(count=jnp.zeros([], jnp.int32), xi={"elsewhere": {"scale": jnp.ones(4)}})
     with pytest.raises(ValueError, match="other params"):
         palm_jax.sparse_scales(tree(), other)
+
+
+# ---------------------------------------------------------------- the authors' initialisation of xi
+
+
+def test_uniform_xi_init_draws_the_authors_range_and_feeds_the_first_step():
+    params = {"bn": {"scale": jnp.full(256, 0.5), "bias": jnp.zeros(256)}, "kernel": jnp.ones((2, 256))}
+    tx = palm_jax.palm_prox(l1=0.01, beta=10.0, learning_rate=0.1, xi_init="uniform", xi_seed=3)
+    state = tx.init(params)
+    xi = np.asarray(state.xi["bn"]["scale"])
+    assert xi.dtype == np.float32 and xi.min() >= 0.47 and xi.max() < 0.53 and xi.std() > 0.01
+    assert all(isinstance(state.xi[k], optax.MaskedNode) for k in ("kernel",))
+    assert isinstance(state.xi["bn"]["bias"], optax.MaskedNode)
+    np.testing.assert_array_equal(tx.init(params).xi["bn"]["scale"], xi)  # the same seed, the same draw
+    other = palm_jax.palm_prox(0.01, 10.0, 0.1, xi_init="uniform", xi_seed=4).init(params).xi["bn"]["scale"]
+    assert not np.array_equal(np.asarray(other), xi)
+    default = palm_jax.palm_prox(0.01, 10.0, 0.1).init(params).xi["bn"]["scale"]
+    np.testing.assert_array_equal(default, params["bn"]["scale"])  # the default is unchanged: a copy
+    # the first update starts from the drawn xi: a = 1/lr = 10, gamma = (a*g + beta*xi) / (a + beta)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, new_state = tx.update(grads, state, params)
+    gamma = (10 * 0.5 + 10 * xi) / 20
+    np.testing.assert_allclose(updates["bn"]["scale"], gamma - 0.5, rtol=1e-6, atol=1e-7)
+    v = (10 * xi + 10 * gamma) / 20
+    np.testing.assert_allclose(new_state.xi["bn"]["scale"], np.sign(v) * np.maximum(np.abs(v) - 0.01 / 20, 0),
+                               rtol=1e-6)
+
+
+def test_uniform_xi_init_keeps_a_bfloat16_dtype_and_rejects_other_names():
+    params = {"bn": {"scale": jnp.full(8, 0.5, jnp.bfloat16)}}
+    xi = palm_jax.palm_prox(0.01, 10.0, 0.1, xi_init="uniform").init(params).xi["bn"]["scale"]
+    assert xi.dtype == jnp.bfloat16 and float(xi.min()) > 0.46 and float(xi.max()) < 0.54
+    with pytest.raises(ValueError, match="xi_init"):
+        palm_jax.palm_prox(0.01, 10.0, 0.1, xi_init="normal")

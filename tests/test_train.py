@@ -1,27 +1,28 @@
 """The training pipeline end to end on generated data: each method, exact resume, NaN handling."""
 
-import dataclasses
 import json
+import os
 import re
+import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import STEPS_PER_EPOCH, TF_IMPORTED_BY_TRAINING, scratch_dir, tiny_run
+from train_helpers import LAST_BATCH, STEPS_PER_EPOCH, TF_IMPORTED_BY_TRAINING, scratch_dir, tiny_run
 
 import palm_jax.train
 from palm_jax.pruning import load_pruned
-from palm_jax.train import Checkpoints, Phase, TrainConfig, TrainingDiverged, fit, run_experiment
+from palm_jax.train import Checkpoints, Inputs, TrainConfig, TrainingDiverged, fit, run_experiment
 from palm_jax.train.experiment import accuracy_of, load_data, load_trained
+from palm_jax.train.loop import steps_per_epoch
 from palm_jax.train.metrics import MetricsWriter, read_metrics
 from palm_jax.train.state import (
     Apply,
     build_model,
     create_train_state,
     init_variables,
-    lr_schedule,
     make_optimizer,
     scale_leaves,
     sparse_params,
@@ -80,15 +81,27 @@ def check_run(run_dir, cfg) -> dict:
         assert (run_dir / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     records = read_metrics(run_dir, "train")
     assert [r["epoch"] for r in records] == list(range(1, cfg.epochs + 1))
-    assert [r["step"] for r in records] == [STEPS_PER_EPOCH * e for e in range(1, cfg.epochs + 1)]
+    steps = steps_per_epoch(len(load_data(cfg).train_labels), cfg.batch_size)
+    assert [r["step"] for r in records] == [steps * e for e in range(1, cfg.epochs + 1)]
     for r in records:
         assert set(r) >= RECORD_KEYS and all(np.isfinite(r[k]) for k in RECORD_KEYS - {"phase"})
     assert records[0]["lr"] == pytest.approx(cfg.lr)
+    # every image once per epoch, the last partial batch included
+    train_images = len(load_data(cfg).train_labels)
+    assert all(float(r["train_accuracy"] * train_images).is_integer() for r in records)
+    # the headline is the last epoch; the best epoch is recorded beside it
+    assert report["headline"] == "last epoch"
+    best = max(records, key=lambda r: r["eval_accuracy"])
+    assert report["best_epoch"]["trained"] == {"epoch": best["epoch"], "accuracy": best["eval_accuracy"]}
+    assert report["accuracy"]["trained"] == records[-1]["eval_accuracy"]
+    assert (report["best_epoch"]["finetuned"] is None) == (cfg.finetune_epoch_count == 0)
+    assert "Accuracies are the last epoch's. Best epoch by val" in (run_dir / "report.md").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # the saved pruned model is the one the report measured (fine-tuned when the run fine-tuned)
     pruned = load_pruned(run_dir / "pruned")
     data = load_data(cfg)
-    acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500)
+    acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500,
+                      data.preprocess)
     assert acc == report["accuracy"]["finetuned" if cfg.finetune_epochs else "pruned"]
     return report
 
@@ -125,6 +138,7 @@ def test_prox_prunes_exactly_the_zero_xi_channels():
 @pytest.mark.parametrize("method", ["ns", "ista", "baseline"])
 def test_other_methods_end_to_end(method):
     cfg = tiny_config(
+        synthetic_images=128,  # whole batches: the partial last one is the tiny run's, not compiled again
         method=method,
         epochs=1,
         finetune_epochs=0,
@@ -181,8 +195,10 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run():
     assert Checkpoints(run_dir / "checkpoints", read_only=True).all_epochs() == [1]
     run_experiment(cfg, run_dir, resume=True, log=lambda *_: None)
 
+    assert LAST_BATCH and cfg.synthetic_images % cfg.batch_size == LAST_BATCH  # epochs end on a partial batch
     for epoch in (1, 2):
         (_, want, _), (_, got, _) = load_trained(reference, epoch), load_trained(run_dir, epoch)
+        assert int(got.step) == STEPS_PER_EPOCH * epoch
         assert_same_trees(got.checkpoint_tree(), want.checkpoint_tree())
     assert_same_trees(load_pruned(run_dir / "pruned").variables, load_pruned(reference / "pruned").variables)
     strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
@@ -195,25 +211,21 @@ def loop_setup(run_dir):
     cfg = tiny_config()
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
-    steps = cfg.epochs * STEPS_PER_EPOCH
     variables = init_variables(model, cfg.seed, (32, 32, 3))
-    state = create_train_state(model, make_optimizer(cfg, steps), variables, cfg.seed)
-    phase = Phase(
-        "train", cfg.epochs, cfg.batch_size, "prox", cfg.l1, lr_schedule(cfg.lr, steps, cfg.lr_drops)
-    )
-    train = to_device(data.train_images, data.train_labels)
-    evaluation = to_eval_batches(data.eval_images, data.eval_labels, 500)
-    return state, train, evaluation, phase, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir)
+    state = create_train_state(model, make_optimizer(cfg, STEPS_PER_EPOCH), variables, cfg.seed)
+    inputs = Inputs(to_device(data.train_images, data.train_labels),
+                    to_eval_batches(data.eval_images, data.eval_labels, 500), data.preprocess)
+    return state, inputs, cfg, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint():
-    state, train, evaluation, phase, checkpoints, metrics = loop_setup(run_dir := scratch_dir("nan"))
-    state = fit(state, train, evaluation, dataclasses.replace(phase, epochs=1), checkpoints, metrics)
+    state, inputs, cfg, checkpoints, metrics = loop_setup(run_dir := scratch_dir("nan"))
+    state = fit(state, inputs, cfg.replace(epochs=1), checkpoints, metrics)
     good = jax.device_get(state.checkpoint_tree())
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     poisoned = state.replace(params=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params))
     with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {STEPS_PER_EPOCH + 1} \(epoch 2\)"):
-        fit(poisoned, train, evaluation, phase, checkpoints, metrics, start_epoch=1)
+        fit(poisoned, inputs, cfg, checkpoints, metrics, start_epoch=1)
     assert checkpoints.all_epochs() == [1]
     restored, meta = checkpoints.restore(template, 1)
     assert meta["epoch"] == 1
@@ -224,8 +236,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint():
 
 def test_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
-    state, train, evaluation, phase, checkpoints, metrics = loop_setup(scratch_dir("lines"))
-    fit(state, train, evaluation, dataclasses.replace(phase, epochs=1), checkpoints, metrics)
+    state, inputs, cfg, checkpoints, metrics = loop_setup(scratch_dir("lines"))
+    fit(state, inputs, cfg.replace(epochs=1), checkpoints, metrics)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"train: {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} steps, ETA 0 s, epoch=1, loss=")
 
@@ -234,7 +246,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
     cfg = tiny_config(dtype="bfloat16")
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
-    state = create_train_state(model, make_optimizer(cfg, 8), init_variables(model, cfg.seed, (32, 32, 3)), 0)
+    state = create_train_state(model, make_optimizer(cfg, 4), init_variables(model, cfg.seed, (32, 32, 3)), 0)
     train = to_device(data.train_images, data.train_labels)
     idx = jnp.arange(2 * cfg.batch_size, dtype=jnp.int32).reshape(2, cfg.batch_size)
     lowered = train_chunk.lower(state, train, idx, jnp.int32(2), dtype=cfg.compute_dtype).as_text()
@@ -259,7 +271,7 @@ def test_bfloat16_model_is_evaluated_in_float32():
 
 
 def test_bfloat16_run_prunes_and_checks_in_float32():
-    cfg = tiny_config(dtype="bfloat16", epochs=1)
+    cfg = tiny_config(dtype="bfloat16", epochs=1, synthetic_images=128)
     run_dir = scratch_dir("bf16") / "run"
     run_experiment(cfg, run_dir, log=lambda *_: None)
     report = check_run(run_dir, cfg)
@@ -269,28 +281,23 @@ def test_bfloat16_run_prunes_and_checks_in_float32():
 
 
 def test_many_steps_per_dispatch_equal_one_step_per_dispatch():
-    # 5 steps per epoch in dispatches of up to 3: chunks of 3 and 2 steps, one compiled loop program
-    cfg = tiny_config(synthetic_images=160)
+    # 5 full steps per epoch in dispatches of up to 3 (chunks of 3 and 2 steps, one compiled loop program),
+    # then the last partial batch of 16 images as a step of its own
+    cfg = tiny_config(synthetic_images=176, epochs=1)
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
     variables = init_variables(model, cfg.seed, (32, 32, 3))
-    train, evaluation = (
-        to_device(data.train_images, data.train_labels),
-        to_eval_batches(data.eval_images, data.eval_labels, 500),
-    )
+    inputs = Inputs(to_device(data.train_images, data.train_labels),
+                    to_eval_batches(data.eval_images, data.eval_labels, 500), data.preprocess)
     results = []
     for per_dispatch in (1, 3):
-        state = create_train_state(model, make_optimizer(cfg, 5), variables, cfg.seed)
-        phase = Phase(
-            "train", 1, cfg.batch_size, "prox", cfg.l1, lr_schedule(cfg.lr, 5), jnp.float32, per_dispatch
-        )
+        state = create_train_state(model, make_optimizer(cfg, 6), variables, cfg.seed)
         run_dir = scratch_dir(f"chunks{per_dispatch}")
-        state = fit(
-            state, train, evaluation, phase, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir)
-        )
+        state = fit(state, inputs, cfg.replace(steps_per_dispatch=per_dispatch),
+                    Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir))
         results.append((jax.device_get(state.checkpoint_tree()), read_metrics(run_dir)[0]))
     (one, one_record), (three, three_record) = results
-    assert three_record["step"] == one_record["step"] == 5
+    assert three_record["step"] == one_record["step"] == 6 and int(one["step"]) == 6
     for key in ("loss", "objective", "train_accuracy", "eval_accuracy", "zero_fraction"):
         assert three_record[key] == pytest.approx(one_record[key], rel=1e-4), key
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
@@ -313,9 +320,72 @@ def test_without_matplotlib_the_run_skips_only_the_plots(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a bare accelerator machine
     monkeypatch.setitem(sys.modules, "palm_jax.train.plots", None)
     monkeypatch.delattr(palm_jax.train, "plots", raising=False)  # set once an earlier run imported it
-    cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0)
+    cfg = tiny_config(method="baseline", epochs=1, finetune_epochs=0, l1=0.0, synthetic_images=128)
     run_dir = scratch_dir("noplots") / "run"
     logged = []
     run_experiment(cfg, run_dir, log=logged.append)
     assert (run_dir / "report.json").exists() and not (run_dir / "plots").exists()
     assert logged[-1].startswith("plots skipped")
+
+
+def test_finetune_phase_rules():
+    cfg = tiny_config(lr=0.1, warmup_epochs=1.0, seed=3, finetune_lr=None, finetune_epochs=None,
+                      xi_init="uniform")
+    assert cfg.for_phase("train") is cfg
+    tune = cfg.for_phase("finetune")
+    assert (tune.method, tune.l1, tune.lr, tune.warmup_epochs, tune.seed) == ("baseline", 0.0, 0.1, 0.0, 4)
+    assert tune.epochs == cfg.epochs and tune.prune_percent is None and tune.xi_init is None
+    tuned = cfg.replace(finetune_epochs=1, finetune_lr=0.01).for_phase("finetune")
+    assert (tuned.epochs, tuned.lr) == (1, 0.01)
+    with pytest.raises(ValueError, match="phase"):
+        cfg.for_phase("pretrain")
+
+
+SHARDED = {"widths": (4, 8, 8, 8, 8, 8, 8, 8), "batch_size": 16}
+
+
+def _sharded_worker(out_path):
+    """One epoch of `fit` on 1 device and on a 4-device mesh, for 36 images (a last batch of 4: split) and 38
+    (a last batch of 6: replicated); every parameter of each pair saved for the parent to compare."""
+    from palm_jax.train import sharding
+
+    assert jax.device_count() == 4
+    arrays = {}
+    for images in (36, 38):
+        cfg = TrainConfig(model="vgg", depth=11, dataset="synthetic", synthetic_images=images, epochs=1,
+                          l1=1.5, beta=1.0, **SHARDED)
+        data = load_data(cfg)
+        model = build_model(cfg, data.num_classes)
+        variables = init_variables(model, cfg.seed, (32, 32, 3))
+        inputs = Inputs(to_device(data.train_images, data.train_labels),
+                        to_eval_batches(data.eval_images, data.eval_labels, 100), data.preprocess)
+        for tag, mesh in (("one", None), ("four", sharding.make_mesh())):
+            state = create_train_state(model, make_optimizer(cfg, 3), variables, cfg.seed)
+            run = inputs
+            if mesh is not None:
+                state = sharding.replicate(state, mesh)
+                run = inputs._replace(train=sharding.replicate(inputs.train, mesh),
+                                      eval=sharding.shard_eval(inputs.eval, mesh), mesh=mesh)
+            run_dir = scratch_dir(f"sharded{images}{tag}")
+            state = fit(state, run, cfg, Checkpoints(run_dir / "checkpoints"), MetricsWriter(run_dir))
+            assert int(state.step) == 3
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+                arrays[f"{images}{tag}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    np.savez(out_path, **arrays)
+
+
+def test_last_partial_batch_on_a_mesh_equals_one_device(tmp_path):
+    out = tmp_path / "sharded.npz"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out, allow_pickle=False) as f:
+        pairs = [(k, f[k], f[k.replace("one", "four", 1)]) for k in f.files if "one" in k]
+        assert {k[:2] for k, _, _ in pairs} == {"36", "38"}
+        for key, one, four in pairs:
+            np.testing.assert_allclose(four, one, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+if __name__ == "__main__":
+    _sharded_worker(sys.argv[1])

@@ -3,14 +3,25 @@ augmentation.
 
     dataset = load_dataset("cifar10", data_dir="../shared/data/cifar10-jpeg")   # or data_dir=None: download
     images = jax.device_put(dataset.train_images)                              # uint8, once
-    batch = normalize(random_crop_flip(key, images[epoch_order(key, n, 64)[step]]))   # inside the jitted step
+    batch = dataset.preprocess.train(key, images[epoch_order(key, n, 64)[step]])   # inside the jitted step
 
 Without `data_dir` the dataset is downloaded from its authors' site and prepared once
 (`palm_jax.data.download`); nothing here needs TensorFlow.
 """
 
-from palm_jax.data.augment import CIFAR_MEAN, CIFAR_STD, epoch_order, normalize, random_crop_flip
+from palm_jax.data.augment import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    SVHN_MEAN,
+    SVHN_STD,
+    Preprocess,
+    epoch_batches,
+    epoch_order,
+    normalize,
+    random_crop_flip,
+)
 from palm_jax.data.sources import (
+    DATASETS,
     NUM_CLASSES,
     DataFormatError,
     DataNotFoundError,
@@ -22,10 +33,15 @@ from palm_jax.data.sources import (
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
+    "DATASETS",
     "NUM_CLASSES",
     "DataFormatError",
     "DataNotFoundError",
     "Dataset",
+    "Preprocess",
+    "SVHN_MEAN",
+    "SVHN_STD",
+    "epoch_batches",
     "epoch_order",
     "load_dataset",
     "normalize",

@@ -1,6 +1,7 @@
 """Dataset sources: local npz folders of JPEGs (decoded once, cached), generated images, and the dispatcher.
 
-An npz folder holds `train.npz` and optionally `test.npz`, each with three arrays (the format of
+An npz folder holds `train.npz`, optionally `test.npz` and, for SVHN, optionally `extra.npz` (SVHN's extra
+split, appended to the training images as in the originals), each with three arrays (the format of
 `shared/data/cifar10-jpeg`): `jpeg` (uint8, the JPEG files concatenated), `offsets` (int, N + 1 entries; image
 i is `jpeg[offsets[i]:offsets[i + 1]]`) and `label` (int, N entries).
 
@@ -17,14 +18,35 @@ import hashlib
 import io
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
+from functools import partial
 
 import numpy as np
 from PIL import Image
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+from palm_jax.data.augment import SVHN_MEAN, SVHN_STD, Preprocess
+from palm_jax.utils import atomic_write, first_line
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the originals do with a dataset: its classes, its preprocessing, the splits it trains on."""
+
+    num_classes: int
+    preprocess: Preprocess = Preprocess()
+    train_splits: tuple[str, ...] = ("train",)
+
+
+# CIFAR: proximal-ns main.py:83-99, :111-127 (CIFAR-10's mean/std for CIFAR-100 too). SVHN: main.py:100-110
+# (train + extra, no crop or flip, SVHN's own mean/std, evaluated on the test split). synthetic: generated.
+DATASETS = {
+    "cifar10": DatasetSpec(10),
+    "cifar100": DatasetSpec(100),
+    "svhn": DatasetSpec(10, Preprocess(SVHN_MEAN, SVHN_STD, crop_flip=False), ("train", "extra")),
+    "synthetic": DatasetSpec(10),
+}
+NUM_CLASSES = {name: spec.num_classes for name, spec in DATASETS.items() if name != "synthetic"}
 POINT_AT_LOCAL_DATA = "pass --data-dir DIR (make: DATA_DIR=DIR) holding train.npz [test.npz]"
 _NPZ_KEYS = ("jpeg", "offsets", "label")
 _DECODE_VERSION = "v1"  # bump when decoding changes, so old caches are ignored
@@ -49,6 +71,11 @@ class Dataset:
     eval_labels: np.ndarray
     eval_split: str  # "test" (a real test split) or "val" (held out from the training images)
     num_classes: int
+    train_splits: tuple[str, ...] = ("train",)  # the splits the training images come from
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return DATASETS[self.name].preprocess
 
     def __post_init__(self):
         for prefix in ("train", "eval"):
@@ -67,8 +94,9 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
     """Loads `name` ("cifar10", "cifar100", "svhn" or "synthetic") as host uint8 arrays.
 
     With `data_dir`: `DIR/train.npz` (+ `DIR/test.npz` if present). Without a test file the last
-    `val_images` training images become the eval set (`eval_split="val"`). Without `data_dir`: the dataset's
-    train and test splits, downloaded from its authors' site and prepared on first use
+    `val_images` training images become the eval set (`eval_split="val"`). SVHN also trains on `DIR/extra.npz`
+    when present (`train_splits` says whether it did). Without `data_dir`: the dataset's train (SVHN: train +
+    extra) and test splits, downloaded from its authors' site and prepared on first use
     (`palm_jax.data.download`; `download=False` or `PALM_JAX_DOWNLOAD=0` never downloads, and offline fails at
     once with a `DataNotFoundError`). `train_images=K` keeps the first K training images (after the hold-out).
     Decoded npz images are cached (see the module docstring), so only the first load decodes JPEGs.
@@ -85,8 +113,11 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
     else:
         from palm_jax.data.download import load_split
 
-        train, test = (load_split(name, split, download=download) for split in ("train", "test"))
-        dataset = Dataset(name, *train, *test, eval_split="test", num_classes=NUM_CLASSES[name])
+        splits = DATASETS[name].train_splits
+        parts = [load_split(name, split, download=download) for split in splits]
+        train = tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        test = load_split(name, "test", download=download)
+        dataset = Dataset(name, *train, *test, "test", NUM_CLASSES[name], splits)
     if train_images is not None:
         if not 0 < train_images <= len(dataset.train_labels):
             raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
@@ -97,22 +128,35 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
 
 
 def _load_npz_dir(name, data_dir, val_images):
-    train_path, test_path = os.path.join(data_dir, "train.npz"), os.path.join(data_dir, "test.npz")
-    if not os.path.isfile(train_path):
-        raise DataNotFoundError(f"no {name} data: {train_path} does not exist; {POINT_AT_LOCAL_DATA}")
+    path = partial(os.path.join, data_dir)
+    if not os.path.isfile(path("train.npz")):
+        raise DataNotFoundError(f"no {name} data: {path('train.npz')} does not exist; {POINT_AT_LOCAL_DATA}")
     num_classes = NUM_CLASSES[name]
-    images, labels = read_npz(train_path, num_classes)
-    if os.path.isfile(test_path):
-        eval_images, eval_labels = read_npz(test_path, num_classes)
-        if eval_images.shape[1:] != images.shape[1:]:
-            raise DataFormatError(f"{test_path}: images are {eval_images.shape[1:]}, but {train_path} has "
-                                  f"{images.shape[1:]}")
-        return Dataset(name, images, labels, eval_images, eval_labels, "test", num_classes)
-    if not 0 < val_images < len(labels):
-        raise ValueError(f"val_images={val_images}: {train_path} has {len(labels)} images and no test.npz "
-                         "beside it, so hold out between 1 and N - 1 of them")
-    cut = len(labels) - val_images
-    return Dataset(name, images[:cut], labels[:cut], images[cut:], labels[cut:], "val", num_classes)
+    images, labels = read_npz(path("train.npz"), num_classes)
+    if os.path.isfile(path("test.npz")):
+        eval_images, eval_labels = read_npz(path("test.npz"), num_classes)
+        _same_shape(path("test.npz"), eval_images, images)
+        split = "test"
+    else:
+        if not 0 < val_images < len(labels):
+            raise ValueError(f"val_images={val_images}: {path('train.npz')} has {len(labels)} images and no "
+                             "test.npz beside it, so hold out between 1 and N - 1 of them")
+        cut = len(labels) - val_images
+        images, labels, eval_images, eval_labels = images[:cut], labels[:cut], images[cut:], labels[cut:]
+        split = "val"
+    splits = ("train",)
+    if "extra" in DATASETS[name].train_splits and os.path.isfile(path("extra.npz")):
+        extra_images, extra_labels = read_npz(path("extra.npz"), num_classes)
+        _same_shape(path("extra.npz"), extra_images, images)
+        images, labels = np.concatenate([images, extra_images]), np.concatenate([labels, extra_labels])
+        splits = ("train", "extra")
+    return Dataset(name, images, labels, eval_images, eval_labels, split, num_classes, splits)
+
+
+def _same_shape(path, images, train_images):
+    if images.shape[1:] != train_images.shape[1:]:
+        raise DataFormatError(f"{path}: images are {images.shape[1:]}, but the training images are "
+                              f"{train_images.shape[1:]}")
 
 
 def read_npz(path, num_classes):
@@ -209,16 +253,10 @@ def _read_cache(cache_path, num_images):
 
 def _write_cache(cache_path, images):
     """Atomic write: readers see the old file or the whole new one. An unwritable cache only warns."""
-    tmp_path = None
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(cache_path), suffix=".tmp", delete=False) as f:
-            tmp_path = f.name
-            np.save(f, images, allow_pickle=False)
-        os.replace(tmp_path, cache_path)
+        atomic_write(cache_path, lambda f: np.save(f, images, allow_pickle=False))
     except OSError as e:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
         warnings.warn(f"palm_jax: could not cache decoded images at {cache_path} ({e}); set PALM_JAX_CACHE "
                       "to a writable folder to skip decoding next time", stacklevel=3)
 
@@ -249,8 +287,3 @@ def synthetic_dataset(num_train=2000, num_eval=500, num_classes=10, image_size=3
 def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
-
-def first_line(error):
-    """The first line of an exception's message (for one-line errors)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -1,17 +1,29 @@
-"""What one experiment run is: a frozen, JSON-serialisable config, checked before anything heavy happens."""
+"""What one run is: a frozen, JSON-serialisable config, checked before anything heavy happens, and the rules
+by which each phase of a run (training, fine-tuning the pruned model) derives its own settings from it.
+
+Every field carries its help text (`dataclasses.field(metadata=...)`): the command line's options are made
+from the fields (`palm_jax.cli`), so a field added here is an option there.
+"""
 
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 
 import jax.numpy as jnp
 
-METHODS = ("prox", "ns", "ista", "baseline")
-MODELS = ("vgg", "resnet", "densenet")
+from palm_jax import recipes
+from palm_jax.data.sources import DATASETS
+from palm_jax.methods import METHODS, Method
+from palm_jax.models import VGG, DenseNet, PreResNet
+from palm_jax.utils import atomic_write
+
+MODELS = {"vgg": VGG, "resnet": PreResNet, "densenet": DenseNet}
 MODEL_ALIASES = {"preresnet": "resnet"}
-DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+XI_INITS = ("uniform",)  # besides None: xi starts as a copy of the scales
+PHASES = ("train", "finetune")
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("steps_per_dispatch", "keep_checkpoints")
@@ -21,58 +33,105 @@ class ConfigError(ValueError):
     """A bad option; the message names it and says what is allowed."""
 
 
+def option(default, help: str, **metadata):
+    """A config field with its command-line help; `choices` (a tuple) restricts the value."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+_L1, _BETA = recipes.PROX["vgg"]
+_SGD = recipes.PAPER_SGD
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One run: model, data, sparsity method, optimiser recipe, pruning and fine-tuning.
 
+    The defaults are the paper's VGG-19 / CIFAR-10 / prox recipe (`palm_jax.recipes`, recipe cifar10-vgg19).
     The optimiser is SGD with momentum and weight decay; the learning rate starts at `lr` (reached linearly
-    over the first `warmup_epochs` of training, 0: none) and is divided by 10 at each fraction of training in
-    `lr_drops`. `l1` is the sparsity weight (ignored by `baseline`), `beta`
-    the PALM coupling of `prox`. `prune_percent` prunes that global percentage of channels by |scale| (NS);
-    None prunes the channels whose scale (or xi) is exactly zero. Fine-tuning the pruned model (no sparsity)
-    starts at `finetune_lr` (default `lr`) with the same drops. `steps_per_dispatch` None picks 1 on CPU
-    and up to 100 on accelerators. `dtype` is the compute dtype; params, BN statistics and xi stay float32.
+    over the first `warmup_epochs`) and is divided by 10 at each fraction of training in `lr_drops`. Each
+    phase trains with `for_phase(phase)`; an epoch visits every training image once, the last batch smaller.
     """
 
-    model: str = "vgg"
-    depth: int = 19
-    widths: tuple[int, ...] | None = None
-    growth_rate: int = 12
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    train_images: int | None = None
-    synthetic_images: int = 2000
-    method: str = "prox"
-    l1: float = 4.5e-3
-    beta: float = 100.0
-    epochs: int = 160
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_drops: tuple[float, ...] = (0.5, 0.75)
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    dtype: str = "float32"
-    steps_per_dispatch: int | None = None
-    eval_batch_size: int = 500
-    keep_checkpoints: int = 2
-    prune_percent: float | None = None
-    finetune_epochs: int = 0
-    finetune_lr: float | None = None
+    model: str = option("vgg", "network", choices=tuple(MODELS))
+    depth: int = option(
+        recipes.DEPTH["vgg"], "network depth (VGG 11/13/16/19, PreResNet 9n+2, DenseNet 3n+4)"
+    )
+    widths: tuple[int, ...] | None = option(
+        None, "comma-separated output width of every conv (a narrow model)"
+    )
+    growth_rate: int = option(12, "DenseNet growth rate")
+    dataset: str = option("cifar10", "dataset (synthetic: generated images)", choices=tuple(DATASETS))
+    data_dir: str | None = option(
+        None, "folder with train.npz [test.npz] [extra.npz] (none: downloaded once)"
+    )
+    train_images: int | None = option(None, "use only the first N training images (a quick look)")
+    synthetic_images: int = option(2000, "number of generated training images (--dataset synthetic)")
+    method: Method = option(
+        Method.PROX,
+        "sparsity method: prox (PALM), ns (Network Slimming), ista (soft threshold) or baseline (none)",
+        choices=METHODS,
+    )
+    l1: float = option(_L1, "sparsity weight on sum |BN scale|")
+    beta: float = option(_BETA, "PALM coupling weight of the scales to xi (prox)")
+    xi_init: str | None = option(
+        None,
+        "prox: xi's start; none: the scales' values, uniform: U(0.47, 0.53) per "
+        "channel as in the authors' code",
+        choices=XI_INITS,
+    )
+    epochs: int = option(_SGD["epochs"], "training epochs")
+    batch_size: int = option(_SGD["batch_size"], "training batch size")
+    lr: float = option(_SGD["lr"], "initial learning rate")
+    momentum: float = option(_SGD["momentum"], "SGD momentum")
+    weight_decay: float = option(
+        _SGD["weight_decay"], "weight decay (on every parameter, as in the originals)"
+    )
+    lr_drops: tuple[float, ...] = option(
+        _SGD["lr_drops"],
+        "comma-separated fractions of training at which the "
+        "lr is divided by 10 (0.5,0.75: epochs 80 and 120 of 160)",
+    )
+    warmup_epochs: float = option(0.0, "reach --lr linearly over this many epochs of training")
+    seed: int = option(0, "seed of initialisation, data order and augmentation (fine-tuning: seed + 1)")
+    dtype: str = option(
+        "float32", "compute dtype (params, BN statistics and xi stay float32)", choices=tuple(DTYPES)
+    )
+    steps_per_dispatch: int | None = option(
+        None, "train steps per compiled call (none: 1 on CPU, up to 100 on accelerators)"
+    )
+    eval_batch_size: int = option(500, "evaluation batch size")
+    keep_checkpoints: int = option(2, "training checkpoints kept (besides the best)")
+    prune_percent: float | None = option(
+        None,
+        "prune this global %% of channels by |scale| (NS); none: exactly the zero channels (xi for prox)",
+    )
+    finetune_epochs: int | None = option(
+        0, "fine-tune the pruned model for N epochs (0: not at all; none: as many as --epochs)"
+    )
+    finetune_lr: float | None = option(None, "initial learning rate of fine-tuning (none: --lr)")
 
     def __post_init__(self):
-        object.__setattr__(self, "model", MODEL_ALIASES.get(self.model, self.model))
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_("model", self.normalise_model(self.model))
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        set_("method", Method(self.method))
         if self.widths is not None:
-            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "lr_drops", tuple(float(f) for f in self.lr_drops))
+            set_("widths", tuple(int(w) for w in self.widths))
+        set_("lr_drops", tuple(float(f) for f in self.lr_drops))
         self.validate()
 
+    @staticmethod
+    def normalise_model(model: str) -> str:
+        model = MODEL_ALIASES.get(model, model)
+        _choice("--model", model, tuple(MODELS))
+        return model
+
     def validate(self) -> None:
-        _choice("--model", self.model, MODELS)
-        _choice("--dataset", self.dataset, DATASETS)
-        _choice("--method", self.method, METHODS)
+        _choice("--dataset", self.dataset, tuple(DATASETS))
         _choice("--dtype", self.dtype, tuple(DTYPES))
+        if self.xi_init is not None:
+            _choice("--xi-init", self.xi_init, XI_INITS)
         for name in (
             "depth",
             "epochs",
@@ -80,34 +139,35 @@ class TrainConfig:
             "eval_batch_size",
             "keep_checkpoints",
             "synthetic_images",
+            "lr",
+            "growth_rate",
         ):
             _positive(name, getattr(self, name))
-        _positive("lr", self.lr)
-        if self.finetune_lr is not None:
-            _positive("finetune_lr", self.finetune_lr)
-        for name in ("train_images", "steps_per_dispatch"):
+        for name in ("train_images", "steps_per_dispatch", "finetune_lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if self.finetune_epochs < 0:
+        if self.finetune_epochs is not None and self.finetune_epochs < 0:
             raise ConfigError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
-        for name in ("l1", "weight_decay", "momentum"):
+        for name in ("l1", "weight_decay", "momentum", "warmup_epochs"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.method != "baseline" and self.l1 == 0:
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if self.method.uses_l1 and self.l1 == 0:
             raise ConfigError(
                 f"--l1 must be > 0 for --method {self.method} (use --method baseline for no sparsity)"
             )
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        _positive("beta", self.beta)
         if self.prune_percent is not None and not 0 <= self.prune_percent < 100:
             raise ConfigError(
                 f"--prune-percent must be a percentage in [0, 100), e.g. 70, got {self.prune_percent}"
             )
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-            raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if self.method.prunes_by_percent and self.prune_percent is None:
+            raise ConfigError(
+                f"--method {self.method} needs --prune-percent (its scales are small, never exactly "
+                "zero; the ns recipes set Network Slimming's: palm-jax recipes NAME)"
+            )
         if any(not 0 < f < 1 for f in self.lr_drops):
-            raise ConfigError(f"lr_drops must be fractions of training in (0, 1), got {self.lr_drops}")
+            raise ConfigError(f"--lr-drops must be fractions of training in (0, 1), got {self.lr_drops}")
         if self.train_images is not None and self.train_images < self.batch_size:
             raise ConfigError(
                 f"--train-images ({self.train_images}) must be at least --batch-size ({self.batch_size})"
@@ -117,11 +177,42 @@ class TrainConfig:
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
+    @property
+    def finetune_epoch_count(self) -> int:
+        """Epochs of fine-tuning: `finetune_epochs`, or as many as `epochs` when it is None."""
+        return self.epochs if self.finetune_epochs is None else self.finetune_epochs
+
+    def for_phase(self, phase: str) -> "TrainConfig":
+        """The settings phase `phase` trains with; the one place for the per-phase rules.
+
+        "train": this config. "finetune" (the pruned model): no sparsity (method baseline, l1 0), lr
+        `finetune_lr` (None: `lr`) without warm-up, `finetune_epoch_count` epochs, seed + 1 (its own data
+        order and augmentation), nothing more to prune. The originals fine-tune with their training settings
+        too (network-slimming main.py:100-103 `--refine`: the same optimiser, lr schedule and epochs).
+        """
+        _choice("phase", phase, PHASES)
+        if phase == "train":
+            return self
+        return self.replace(
+            method=Method.BASELINE,
+            l1=0.0,
+            lr=self.finetune_lr or self.lr,
+            warmup_epochs=0.0,
+            epochs=self.finetune_epoch_count,
+            seed=self.seed + 1,
+            prune_percent=None,
+            finetune_epochs=0,
+            finetune_lr=None,
+            xi_init=None,
+        )
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["method"] = self.method.value
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -136,10 +227,7 @@ class TrainConfig:
         return cls(**values)
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
@@ -158,11 +246,27 @@ class TrainConfig:
         ]
 
 
+def option_fields() -> list[tuple[dataclasses.Field, type, bool]]:
+    """(field, value type, may be None) of every TrainConfig field, for building command-line options."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        args = typing.get_args(hints[f.name])
+        optional = type(None) in args
+        kind = next((a for a in args if a is not type(None)), hints[f.name]) if optional else hints[f.name]
+        out.append((f, kind, optional))
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _choice(option: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{option} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 def _positive(name: str, value) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
+        raise ConfigError(f"{_flag(name)} must be > 0, got {value!r}")

@@ -13,15 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import palm_jax.pruning as pruning
-from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, normalize, synthetic_dataset
+from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
 from palm_jax.train import report, sharding
 from palm_jax.train.checkpoint import Checkpoints
 from palm_jax.train.config import ConfigError, TrainConfig
-from palm_jax.train.loop import Phase, fit
+from palm_jax.train.loop import Inputs, fit, steps_per_epoch
 from palm_jax.train.metrics import MetricsWriter, read_metrics
 from palm_jax.train.state import (
     Apply,
@@ -29,15 +28,14 @@ from palm_jax.train.state import (
     create_train_state,
     float32_apply,
     init_variables,
-    lr_schedule,
     make_optimizer,
     sparse_params,
 )
-from palm_jax.train.step import DeviceData, EvalData, evaluate, to_device, to_eval_batches
+from palm_jax.train.step import evaluate, to_device, to_eval_batches
+from palm_jax.utils import abstract_variables
 
 CONFIG_FILE = "config.json"
 FOLDS = ("exact", "closest", "none")
-DEFAULT_PRUNE_PERCENT = {"ns": {"vgg": 70.0, "resnet": 40.0, "densenet": 40.0}}  # NS: % of all channels
 
 
 class RunDirError(ConfigError):
@@ -45,7 +43,7 @@ class RunDirError(ConfigError):
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
-    """The dataset `cfg` names, as host uint8 arrays (synthetic: generated; otherwise npz folder or TFDS)."""
+    """The dataset `cfg` names, as host uint8 arrays (synthetic: generated; otherwise an npz folder or the downloaded splits)."""
     if cfg.dataset == "synthetic":
         return synthetic_dataset(
             num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
@@ -53,11 +51,9 @@ def load_data(cfg: TrainConfig) -> Dataset:
     return load_dataset(cfg.dataset, cfg.data_dir, train_images=cfg.train_images)
 
 
-def prune_percent(cfg: TrainConfig) -> float | None:
-    """The global percentage of channels to prune (NS), or None to prune exactly the zero scales."""
-    if cfg.prune_percent is not None:
-        return cfg.prune_percent
-    return DEFAULT_PRUNE_PERCENT.get(cfg.method, {}).get(cfg.model)
+def checkpoint_dir(run_dir: Path, phase: str) -> Path:
+    """run_dir/checkpoints for training, run_dir/checkpoints_<phase> for the others."""
+    return Path(run_dir) / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
@@ -102,35 +98,37 @@ def run_experiment(
         raise ConfigError(
             f"--batch-size {cfg.batch_size} exceeds the {len(dataset.train_labels)} training images"
         )
-    data = to_device(dataset.train_images, dataset.train_labels)
-    eval_data = to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size)
-    mesh = sharding.make_mesh() if jax.device_count() > 1 else None  # data parallel over every device
-    if mesh is not None:
+    inputs = Inputs(to_device(dataset.train_images, dataset.train_labels),
+                    to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size),
+                    dataset.preprocess)
+    if jax.device_count() > 1:  # data parallel over every device
+        mesh = sharding.make_mesh()
         sharding.check_batch_size(cfg.batch_size, mesh)
-        data, eval_data = sharding.replicate(data, mesh), sharding.shard_eval(eval_data, mesh)
+        inputs = inputs._replace(train=sharding.replicate(inputs.train, mesh),
+                                 eval=sharding.shard_eval(inputs.eval, mesh), mesh=mesh)
     log(
-        f"data: {dataset.name}, {len(dataset.train_labels)} train / {eval_data.size} {dataset.eval_split} "
-        f"images; model: {cfg.model}-{cfg.depth}; method: {cfg.method}; device: {jax.devices()[0].platform}"
+        f"data: {dataset.name} ({' + '.join(dataset.train_splits)}), {len(dataset.train_labels)} train / "
+        f"{inputs.eval.size} {dataset.eval_split} images; model: {cfg.model}-{cfg.depth}; method: "
+        f"{cfg.method}; device: {jax.devices()[0].platform}"
     )
     if on_data is not None:
         on_data(dataset)
 
     model = build_model(cfg, dataset.num_classes)
-    variables = init_variables(model, cfg.seed, data.images.shape[1:])
+    variables = init_variables(model, cfg.seed, inputs.train.images.shape[1:])
 
     in_fit = 0.0  # seconds of this invocation spent in train_phase (its epochs are in the metrics)
 
-    def train(model, variables, phase, epochs, method):
+    def train(phase, model, variables):
         nonlocal in_fit
         start = time.perf_counter()
         try:
-            return train_phase(
-                cfg, model, variables, data, eval_data, run_dir, phase, epochs, method, resume, callback, mesh
-            )
+            return train_phase(cfg, phase, model, variables, inputs, run_dir, resume=resume,
+                               callback=callback)
         finally:
             in_fit += time.perf_counter() - start
 
-    state = train(model, variables, "train", cfg.epochs, cfg.method)
+    state = train("train", model, variables)
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
     accuracy = {
@@ -138,17 +136,17 @@ def run_experiment(
         "sparse": None,
         "finetuned": None,
     }
-    result, scores = prune_trained(cfg, state, dataset.eval_images, eval_data, accuracy["trained"])
+    result, scores = prune_trained(cfg, state, dataset.eval_images, inputs, accuracy["trained"])
     accuracy.update(scores)
-    if cfg.finetune_epochs:
-        tuned_model = result.model.clone(dtype=cfg.compute_dtype)
-        tuned = train(tuned_model, result.variables, "finetune", cfg.finetune_epochs, "baseline")
+    if cfg.finetune_epoch_count:
+        tuned = train("finetune", result.model.clone(dtype=cfg.compute_dtype), result.variables)
         result = result._replace(variables=tuned.variables())
-        accuracy["finetuned"] = evaluate(tuned.apply_fn, tuned.variables(), eval_data)["accuracy"]
+        accuracy["finetuned"] = evaluate(tuned.apply_fn, tuned.variables(), inputs.eval, inputs.preprocess)[
+            "accuracy"]
     save_pruned(run_dir / "pruned", result)
 
     records = read_metrics(run_dir)
-    xi = sparse_params(state, "prox") if cfg.method == "prox" else None
+    xi = sparse_params(state, cfg.method) if cfg.method.keeps_xi else None
     try:
         from palm_jax.train import plots  # matplotlib: optional on a bare accelerator machine
     except ImportError as err:
@@ -160,91 +158,62 @@ def run_experiment(
         "train": sum(r["seconds"] for r in records if r["phase"] == "train"),
         "total": time.perf_counter() - started - in_fit + sum(r["seconds"] for r in records),
     }
-    summary = report.build(cfg, dataset, accuracy, result.report, prune_percent(cfg), seconds=seconds)
+    summary = report.build(cfg, dataset, accuracy, result.report, records, seconds=seconds)
     return report.write(run_dir, summary)
 
 
 def train_phase(
     cfg: TrainConfig,
+    phase: str,
     model,
     variables: dict,
-    data: DeviceData,
-    eval_data: EvalData,
+    inputs: Inputs,
     run_dir: Path,
-    phase: str,
-    epochs: int,
-    method: str,
-    resume: bool,
-    callback: Callable[[int, int], None] | None,
-    mesh=None,
+    *,
+    resume: bool = False,
+    callback: Callable[[int, int], None] | None = None,
 ):
-    """Train `model` from `variables` for `epochs` (resuming from this phase's latest checkpoint if asked).
-
-    Fine-tuning (`phase` "finetune") starts at `cfg.finetune_lr` when given, without warm-up, and uses its
-    own seed.
-    """
-    steps_per_epoch = int(data.labels.shape[0]) // cfg.batch_size
-    steps = epochs * steps_per_epoch
-    lr = cfg.finetune_lr if phase != "train" and cfg.finetune_lr is not None else cfg.lr
-    warmup = round(cfg.warmup_epochs * steps_per_epoch) if phase == "train" else 0
-    tx = make_optimizer(cfg.replace(lr=lr), steps, method, warmup)
-    state = create_train_state(model, tx, variables, cfg.seed if phase == "train" else cfg.seed + 1)
-    directory = run_dir / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
-    checkpoints = Checkpoints(directory, cfg.keep_checkpoints)
+    """Train `model` from `variables` for phase `phase` of the run `cfg` (its settings: `cfg.for_phase`),
+    resuming from this phase's latest checkpoint if asked; returns the final train state."""
+    phase_cfg = cfg.for_phase(phase)
+    tx = make_optimizer(phase_cfg, steps_per_epoch(int(inputs.train.labels.shape[0]), cfg.batch_size))
+    state = create_train_state(model, tx, variables, phase_cfg.seed)
+    checkpoints = Checkpoints(checkpoint_dir(run_dir, phase), cfg.keep_checkpoints)
     start = 0
     if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore(state)
         start = int(meta["epoch"])
-    if mesh is not None:
-        state = sharding.replicate(state, mesh)
+    if inputs.mesh is not None:
+        state = sharding.replicate(state, inputs.mesh)
     metrics = MetricsWriter(run_dir, keep_until=(phase, start))
-    spec = Phase(
-        name=phase,
-        epochs=epochs,
-        batch_size=cfg.batch_size,
-        method=method,
-        l1=0.0 if method == "baseline" else cfg.l1,
-        lr_fn=lr_schedule(lr, steps, cfg.lr_drops, warmup),
-        dtype=cfg.compute_dtype,
-        steps_per_dispatch=cfg.steps_per_dispatch,
-        mesh=mesh,
-    )
     meta = {"phase": phase, "config": cfg.to_dict()}
     try:
-        return fit(
-            state,
-            data,
-            eval_data,
-            spec,
-            checkpoints,
-            metrics,
-            start_epoch=start,
-            meta=meta,
-            callback=callback,
-        )
+        return fit(state, inputs, phase_cfg, checkpoints, metrics, phase=phase, start_epoch=start, meta=meta,
+                   callback=callback)
     finally:
         metrics.close()
         checkpoints.close()
 
 
-def prune_trained(
-    cfg: TrainConfig, state, eval_images, eval_data: EvalData, trained_accuracy=None, fold: str = "exact"
-):
-    """Prune a trained state the way `cfg` says (its sparse scales: xi for prox; NS's percentage for ns) and
-    score it: (PruneResult, {"sparse": acc or None, "pruned": acc}). `fold`: "exact" (carriers where
-    padding needs them), "closest" (the closest per-channel constant) or "none" (slice only)."""
+def prune_trained(cfg: TrainConfig, state, eval_images, inputs: Inputs, trained_accuracy=None,
+                  fold: str = "exact"):
+    """Prune a trained state the way `cfg` says (its sparse scales: xi for prox; `cfg.prune_percent` of the
+    channels when set) and score it on `inputs.eval`: (PruneResult, {"sparse": acc or None, "pruned": acc}).
+    `fold`: "exact" (carriers where padding needs them), "closest" (the closest per-channel constant) or
+    "none" (slice only)."""
     if fold not in FOLDS:
         raise ConfigError(f"--fold must be one of {', '.join(FOLDS)}; got {fold!r}")
-    top1 = lambda apply_fn, variables: evaluate(apply_fn, variables, eval_data)["accuracy"]
+    top1 = lambda fn, variables: evaluate(fn, variables, inputs.eval, inputs.preprocess)["accuracy"]
     # pruned and checked in float32 whatever the compute dtype: the deviation is then the pruning's alone
     model, sparse = float32_apply(state.apply_fn).model, state.variables(sparse_params(state, cfg.method))
-    scores = {"sparse": top1(state.apply_fn, sparse) if cfg.method == "prox" else None}
-    probe = normalize(eval_images[:8], dtype=jnp.float32)  # real images for the logit-deviation check
+    keeps_xi = cfg.method.keeps_xi
+    scores = {"sparse": top1(state.apply_fn, sparse) if keeps_xi else None}
+    probe = inputs.preprocess.eval(eval_images[:8])  # real images for the logit-deviation check
     result = pruning.prune(
-        model, sparse, percent=prune_percent(cfg), probe=probe, fold=fold != "none", exact=fold == "exact"
+        model, sparse, percent=cfg.prune_percent, probe=probe, fold=fold != "none", exact=fold == "exact"
     )
     unchanged = result.model.widths == model.widths  # nothing removed: the sparse model itself
-    known = (scores["sparse"] if cfg.method == "prox" else trained_accuracy) if unchanged else None
+    known = (scores["sparse"] if keeps_xi else trained_accuracy) if unchanged else None
     scores["pruned"] = known if known is not None else top1(Apply(result.model), result.variables)
     return result, scores
 
@@ -263,21 +232,20 @@ def load_trained(run_dir: Path, epoch: int | None = None, *, best: bool = False,
     run_dir = Path(run_dir)
     cfg = TrainConfig.load(run_dir / CONFIG_FILE)
     model = build_model(cfg, NUM_CLASSES.get(cfg.dataset, 10))
-    checkpoints = Checkpoints(run_dir / "checkpoints", read_only=True)
+    checkpoints = Checkpoints(checkpoint_dir(run_dir, "train"), read_only=True)
     if epoch is None:
         epoch = checkpoints.best_epoch() if best else checkpoints.latest_epoch()
-    tx = make_optimizer(cfg, total_steps=1)  # the schedule's length changes no array of the state
-
-    def template():
-        return create_train_state(
-            model, tx, model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False), cfg.seed
-        )
-
-    state, _ = checkpoints.restore(jax.eval_shape(template), epoch)
+    tx = make_optimizer(cfg, steps_per_epoch=1)  # the schedule's length changes no array of the state
+    template = jax.eval_shape(lambda v: create_train_state(model, tx, v, cfg.seed),
+                              abstract_variables(model, image_shape))
+    state, _ = checkpoints.restore(template, epoch)
     checkpoints.close()
     return cfg, state, epoch
 
 
-def accuracy_of(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
-    """Top-1 accuracy (float32) of `model` with `variables` on host arrays (for the eval command)."""
-    return evaluate(Apply(model), variables, to_eval_batches(images, labels, batch_size))["accuracy"]
+def accuracy_of(model, variables, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                preprocess) -> float:
+    """Top-1 accuracy (float32) of `model` with `variables` on host arrays preprocessed by `preprocess` (the
+    dataset's `Preprocess`), for the eval command."""
+    eval_data = to_eval_batches(images, labels, batch_size)
+    return evaluate(Apply(model), variables, eval_data, preprocess)["accuracy"]

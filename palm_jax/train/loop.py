@@ -1,51 +1,54 @@
 """The training loop: epochs of chunks (many steps per dispatch), eval, metrics and a checkpoint per epoch.
 
     for epoch in start_epoch + 1 .. epochs:
-        order = epoch_order(key(rng, epoch))              # data order: a function of (seed, epoch)
-        for chunk in order:                               # K steps per dispatch, augmentation (seed, step)
+        full, last = epoch_batches(rng, epoch)            # data order: a function of (seed, epoch)
+        for chunk in full, then last (if any):            # K steps per dispatch, augmentation (seed, step)
             state, step_metrics = train_chunk(state, data, chunk)
             stop with the step number if a loss is NaN/inf (no checkpoint is written)
         eval; write metrics; save checkpoint (atomically)
 
-Resuming from the checkpoint of epoch e therefore replays epochs e+1.. exactly as an uninterrupted run.
+An epoch visits every training image once: its full batches, then the last partial batch (if any) as one
+more step of its own shape (PyTorch's DataLoader default, drop_last=False: 782 steps per CIFAR epoch at batch
+64). Resuming from the checkpoint of epoch e replays epochs e+1.. exactly as an uninterrupted run.
 """
 
-import dataclasses
 import functools
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from palm_jax.data import augment
+from palm_jax.data.augment import Preprocess
 from palm_jax.train import sharding
 from palm_jax.train.checkpoint import Checkpoints
+from palm_jax.train.config import TrainConfig
 from palm_jax.train.metrics import MetricsWriter
-from palm_jax.train.state import TrainState, sparse_params, zero_fraction
-from palm_jax.train.step import DeviceData, EvalData, epoch_key, evaluate, train_chunk
+from palm_jax.train.state import TrainState, schedule_of, sparse_params, zero_fraction
+from palm_jax.train.step import CIFAR, DeviceData, EvalData, epoch_key, evaluate, train_chunk
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or the parameters) became NaN or infinite; the message names the step."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """What the loop runs: `name` ("train" or "finetune"), the sparsity `method` (for the zero fraction:
-    xi for prox) and `l1` (for the objective), `lr_fn` (step -> learning rate), compute `dtype`."""
+class Inputs(NamedTuple):
+    """What a phase trains and evaluates on: the training split and the eval batches on the device, the
+    dataset's preprocessing, and the data-parallel mesh (None: one device; see `palm_jax.train.sharding`)."""
 
-    name: str
-    epochs: int
-    batch_size: int
-    method: str
-    l1: float
-    lr_fn: Callable
-    dtype: object = jnp.float32
-    steps_per_dispatch: int | None = None
-    mesh: object = None  # a jax.sharding.Mesh: split every batch over its devices (palm_jax.train.sharding)
+    train: DeviceData
+    eval: EvalData
+    preprocess: Preprocess = CIFAR
+    mesh: object = None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Steps of one epoch: the full batches and the last partial one (ceil(num_examples / batch_size))."""
+    return -(-num_examples // batch_size)
 
 
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:
@@ -111,14 +114,15 @@ class _Lines:
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "batch_size", "rows"))
-def epoch_batches(rng: jax.Array, epoch: int, num_examples: int, batch_size: int, rows: int) -> jax.Array:
-    """The epoch's data order [rows, batch_size] (rows past the epoch's steps are zeros, never run)."""
-    order = augment.epoch_order(epoch_key(rng, epoch), num_examples, batch_size)
-    return jnp.concatenate([order, jnp.zeros((rows - order.shape[0], batch_size), order.dtype)])
+def epoch_batches(rng: jax.Array, epoch: int, num_examples: int, batch_size: int, rows: int):
+    """The epoch's data order: (full batches [rows, batch_size], the rows past them zeros, never run; the last
+    partial batch [num_examples % batch_size])."""
+    full, last = augment.epoch_batches(epoch_key(rng, epoch), num_examples, batch_size)
+    return jnp.concatenate([full, jnp.zeros((rows - full.shape[0], batch_size), full.dtype)]), last
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def epoch_summary(state: TrainState, method: str) -> tuple[jax.Array, jax.Array]:
+def epoch_summary(state: TrainState, method) -> tuple[jax.Array, jax.Array]:
     """(fraction of BN scales -- xi for prox -- exactly zero, whether every parameter is finite)."""
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state.params)]))
     return zero_fraction(sparse_params(state, method)), finite
@@ -126,39 +130,42 @@ def epoch_summary(state: TrainState, method: str) -> tuple[jax.Array, jax.Array]
 
 def fit(
     state: TrainState,
-    data: DeviceData,
-    eval_data: EvalData,
-    phase: Phase,
+    inputs: Inputs,
+    cfg: TrainConfig,
     checkpoints: Checkpoints,
     metrics: MetricsWriter,
     *,
+    phase: str = "train",
     start_epoch: int = 0,
     meta: dict | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> TrainState:
-    """Train from the end of `start_epoch` to `phase.epochs`; returns the final state.
+    """Train phase `phase` with `cfg` (the phase's config, `TrainConfig.for_phase`) from the end of
+    `start_epoch` to `cfg.epochs`; returns the final state.
 
     `callback(epoch, step)` runs after every chunk (tests use it to interrupt a run). Raises TrainingDiverged
     with the step number when a loss is not finite; the checkpoints already written stay as they are.
     """
-    steps = int(data.labels.shape[0]) // phase.batch_size
-    bar = progress_bar(phase.epochs * steps, start_epoch * steps, phase.name)
+    num_examples = int(inputs.train.labels.shape[0])
+    steps = steps_per_epoch(num_examples, cfg.batch_size)
+    lr_fn = schedule_of(cfg, steps)
+    bar = progress_bar(cfg.epochs * steps, start_epoch * steps, phase)
     try:
-        for epoch in range(start_epoch + 1, phase.epochs + 1):
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
             start = time.perf_counter()
-            lr = float(f"{float(phase.lr_fn((epoch - 1) * steps)):.7g}")  # float32 0.1, not 0.10000000149
-            state, totals = _train_epoch(state, data, phase, epoch, checkpoints, bar, callback)
-            zeros, finite = jax.device_get(epoch_summary(state, phase.method))
+            lr = float(f"{float(lr_fn((epoch - 1) * steps)):.7g}")  # float32 0.1, not 0.10000000149
+            state, totals = _train_epoch(state, inputs, cfg, epoch, checkpoints, bar, callback)
+            zeros, finite = jax.device_get(epoch_summary(state, cfg.method))
             if not finite:
                 _diverged("a parameter is not finite", epoch * steps, epoch, checkpoints)
-            evaluation = evaluate(state.apply_fn, state.variables(), eval_data)
+            evaluation = evaluate(state.apply_fn, state.variables(), inputs.eval, inputs.preprocess)
             record = {
-                "phase": phase.name,
+                "phase": phase,
                 "epoch": epoch,
                 "step": epoch * steps,
-                "loss": totals["loss"] / steps,
-                "objective": totals["objective"] / steps,
-                "train_accuracy": totals["correct"] / (steps * phase.batch_size),
+                "loss": totals["loss"] / num_examples,
+                "objective": totals["objective"] / num_examples,
+                "train_accuracy": totals["correct"] / num_examples,
                 "eval_loss": evaluation["loss"],
                 "eval_accuracy": evaluation["accuracy"],
                 "lr": lr,
@@ -168,7 +175,7 @@ def fit(
             checkpoints.save(epoch, state, meta or {}, record)
             metrics.write(record)
             bar.write(
-                f"{phase.name} epoch {epoch}/{phase.epochs}: loss {record['loss']:.4f} "
+                f"{phase} epoch {epoch}/{cfg.epochs}: loss {record['loss']:.4f} "
                 f"train acc {record['train_accuracy']:.4f} eval acc {record['eval_accuracy']:.4f} "
                 f"zeros {record['zero_fraction']:.3f} ({record['seconds']:.1f} s)"
             )
@@ -178,45 +185,65 @@ def fit(
     return state
 
 
-def _train_epoch(state, data, phase: Phase, epoch: int, checkpoints, bar, callback):
-    """One epoch in chunks; each chunk's metrics are read after the next chunk is dispatched (the device keeps
-    busy). Returns the state and the epoch's summed loss, objective and correct count."""
-    num_examples = int(data.labels.shape[0])
-    steps = num_examples // phase.batch_size
-    num_chunks, chunk = chunk_layout(steps, phase.steps_per_dispatch or default_steps_per_dispatch(steps))
-    order = epoch_batches(state.rng, epoch, num_examples, phase.batch_size, num_chunks * chunk)
-    if phase.mesh is not None:
-        order = sharding.shard_batches(order, phase.mesh)
-    totals = {"loss": 0.0, "objective": 0.0, "correct": 0}
+def _dispatches(state, inputs: Inputs, cfg: TrainConfig, epoch: int) -> list[tuple[jax.Array, int, int]]:
+    """The epoch's dispatches (batch indices [K, B], steps to run, batch size B): the full batches in chunks
+    of at most `steps_per_dispatch` steps, then the last partial batch as one step. With a mesh every batch is
+    split over the devices; a last batch that does not split evenly is run whole on every device (replicated:
+    the same result as on one device, for one small step per epoch)."""
+    num_examples = int(inputs.train.labels.shape[0])
+    full, last = divmod(num_examples, cfg.batch_size)
+    per_dispatch = cfg.steps_per_dispatch or default_steps_per_dispatch(full)
+    num_chunks, chunk = chunk_layout(full, per_dispatch)
+    order, rest = epoch_batches(state.rng, epoch, num_examples, cfg.batch_size, num_chunks * chunk)
+    rest = rest[None]
+    if inputs.mesh is not None:
+        order = sharding.shard_batches(order, inputs.mesh)
+        if last and last % inputs.mesh.size == 0:
+            rest = sharding.shard_batches(rest, inputs.mesh)
+        elif last:
+            rest = sharding.replicate(rest, inputs.mesh)
+    dispatches = [(order[c * chunk : (c + 1) * chunk], min(chunk, full - c * chunk), cfg.batch_size)
+                  for c in range(num_chunks)]
+    return dispatches + ([(rest, 1, last)] if last else [])
+
+
+def _train_epoch(state, inputs: Inputs, cfg: TrainConfig, epoch: int, checkpoints, bar, callback):
+    """One epoch in dispatches; each one's metrics are read after the next one is dispatched (the device keeps
+    busy). Returns the state and the epoch's loss, objective (summed over images) and correct count."""
+    steps = steps_per_epoch(int(inputs.train.labels.shape[0]), cfg.batch_size)
+    totals = {"loss": 0.0, "objective": 0.0, "correct": 0, "images": 0}
     first = (epoch - 1) * steps  # steps done before this epoch
     pending = []
-    for c in range(num_chunks + 1):
-        if c < num_chunks:
-            n = min(chunk, steps - c * chunk)
-            rows = order[c * chunk : (c + 1) * chunk]
-            state, out = train_chunk(state, data, rows, jnp.int32(n), dtype=phase.dtype)
-            pending.append((n, out))
-        if len(pending) == 2 or (c == num_chunks and pending):
-            n_done, out_done = pending.pop(0)
-            _accumulate(totals, jax.device_get(out_done), n_done, first, epoch, phase.l1, checkpoints)
+    dispatches = _dispatches(state, inputs, cfg, epoch)
+    for c in range(len(dispatches) + 1):
+        if c < len(dispatches):
+            rows, n, batch = dispatches[c]
+            state, out = train_chunk(state, inputs.train, rows, jnp.int32(n), dtype=cfg.compute_dtype,
+                                     preprocess=inputs.preprocess)
+            pending.append((n, batch, out))
+        if len(pending) == 2 or (c == len(dispatches) and pending):
+            n_done, batch, out_done = pending.pop(0)
+            _accumulate(totals, jax.device_get(out_done), n_done, batch, first, epoch, cfg.l1, checkpoints)
             first += n_done
-            done = first - (epoch - 1) * steps
             bar.update(n_done)
-            loss, acc = totals["loss"] / done, totals["correct"] / (done * phase.batch_size)
+            loss, acc = totals["loss"] / totals["images"], totals["correct"] / totals["images"]
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
             if callback is not None:
                 callback(epoch, first)
     return state, totals
 
 
-def _accumulate(totals: dict, out: dict, n: int, first_step: int, epoch: int, l1: float, checkpoints) -> None:
+def _accumulate(totals: dict, out: dict, n: int, batch: int, first_step: int, epoch: int, l1: float,
+                checkpoints) -> None:
+    """Add `n` steps of `batch` images each: per-step mean losses weighted by their batch size."""
     loss = np.asarray(out["loss"][:n], np.float64)
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
         _diverged(f"loss is {loss[bad[0]]}", first_step + int(bad[0]) + 1, epoch, checkpoints)
-    totals["loss"] += float(loss.sum())
-    totals["objective"] += float((loss + l1 * np.asarray(out["penalty"][:n], np.float64)).sum())
+    totals["loss"] += batch * float(loss.sum())
+    totals["objective"] += batch * float((loss + l1 * np.asarray(out["penalty"][:n], np.float64)).sum())
     totals["correct"] += int(np.asarray(out["correct"][:n]).sum())
+    totals["images"] += n * batch
 
 
 def _diverged(what: str, step: int, epoch: int, checkpoints) -> None:

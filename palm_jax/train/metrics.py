@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from palm_jax.utils import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -34,9 +36,7 @@ class MetricsWriter:
 
     def _truncate(self, phase: str, epoch: int) -> None:
         keep = [r for r in read_metrics(self.run_dir) if r["phase"] != phase or r["epoch"] <= epoch]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

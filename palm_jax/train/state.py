@@ -11,8 +11,9 @@ import optax
 from flax import struct
 
 from palm_jax import masks, prox
-from palm_jax.models import VGG, DenseNet, PreResNet
-from palm_jax.train.config import TrainConfig
+from palm_jax.methods import Method
+from palm_jax.train.config import MODELS, TrainConfig
+from palm_jax.utils import leaf_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +69,9 @@ class TrainState(struct.PyTreeNode):
 def build_model(cfg: TrainConfig, num_classes: int, widths=None):
     """The Linen module that `cfg` names, computing in `cfg.dtype` (parameters stay float32)."""
     widths = cfg.widths if widths is None else widths
-    common = dict(depth=cfg.depth, num_classes=num_classes, widths=widths, dtype=cfg.compute_dtype)
-    if cfg.model == "vgg":
-        return VGG(**common)
-    if cfg.model == "resnet":
-        return PreResNet(**common)
-    return DenseNet(growth_rate=cfg.growth_rate, **common)
+    extra = {"growth_rate": cfg.growth_rate} if cfg.model == "densenet" else {}
+    return MODELS[cfg.model](depth=cfg.depth, num_classes=num_classes, widths=widths, dtype=cfg.compute_dtype,
+                             **extra)
 
 
 def lr_schedule(lr: float, total_steps: int, drops=(0.5, 0.75), warmup_steps: int = 0) -> optax.Schedule:
@@ -85,10 +83,18 @@ def lr_schedule(lr: float, total_steps: int, drops=(0.5, 0.75), warmup_steps: in
     return lambda step: stepped(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
-def make_optimizer(
-    cfg: TrainConfig, total_steps: int, method: str | None = None, warmup_steps: int = 0
-) -> optax.GradientTransformation:
-    """SGD with momentum and weight decay (on every parameter, as in NS) plus the method's sparsity link.
+def schedule_of(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate of `cfg` (one phase's config) per step, for epochs of `steps_per_epoch` steps."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return _schedule(cfg.lr, cfg.epochs * steps_per_epoch, cfg.lr_drops, warmup)
+
+
+_schedule = functools.cache(lr_schedule)  # equal arguments, the same schedule: runs share compiled steps
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay (on every parameter, as in NS) plus the method's sparsity links
+    (`Method.optimizer_links`), for `cfg` (one phase's config):
 
     prox:     decay -> sgd -> palm_prox(l1, beta)     (PALM; xi in the optimiser state holds the exact zeros)
     ista:     decay -> sgd -> soft_threshold(l1)      (proximal SGD on the scales)
@@ -97,24 +103,16 @@ def make_optimizer(
 
     Equal arguments give the same (cached) object, so runs in one process share compiled steps.
     """
-    method = cfg.method if method is None else method
-    return _optimizer(
-        method, cfg.l1, cfg.beta, cfg.lr, cfg.lr_drops, cfg.momentum, cfg.weight_decay, total_steps,
-        warmup_steps,
-    )
+    schedule = schedule_of(cfg, steps_per_epoch)
+    return _optimizer(cfg.method, cfg.l1, cfg.beta, schedule, cfg.momentum, cfg.weight_decay, cfg.xi_init,
+                      cfg.seed)
 
 
 @functools.cache
-def _optimizer(method, l1, beta, lr, drops, momentum, weight_decay, total_steps, warmup_steps):
-    schedule = lr_schedule(lr, total_steps, drops, warmup_steps)
+def _optimizer(method, l1, beta, schedule, momentum, weight_decay, xi_init, seed):
+    before, after = method.optimizer_links(l1, beta, schedule, xi_init=xi_init, xi_seed=seed)
     sgd = [optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)]
-    if method == "prox":
-        return optax.chain(*sgd, prox.palm_prox(l1, beta, learning_rate=schedule))
-    if method == "ista":
-        return optax.chain(*sgd, prox.soft_threshold(l1, learning_rate=schedule))
-    if method == "ns":
-        return optax.chain(prox.l1_subgradient(l1), *sgd)
-    return optax.chain(*sgd)
+    return optax.chain(*before, *sgd, *after)
 
 
 def init_variables(model, seed: int, image_shape) -> dict:
@@ -148,9 +146,10 @@ def create_train_state(model, tx, variables: dict, seed: int) -> TrainState:
     )
 
 
-def sparse_params(state: TrainState, method: str):
-    """The params whose BN scales carry the method's exact zeros: xi for prox, else the params themselves."""
-    return prox.sparse_scales(state.params, state.opt_state) if method == "prox" else state.params
+def sparse_params(state: TrainState, method: Method):
+    """The params whose BN scales carry the method's exact zeros: xi when the method keeps it, else the
+    params themselves."""
+    return prox.sparse_scales(state.params, state.opt_state) if Method(method).keeps_xi else state.params
 
 
 def scale_leaves(params) -> list[tuple[str, jax.Array]]:
@@ -158,7 +157,7 @@ def scale_leaves(params) -> list[tuple[str, jax.Array]]:
     with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     selected = masks.selection(params)
     return [
-        ("/".join(masks.leaf_path(path)[:-1]), leaf)
+        ("/".join(leaf_path(path)[:-1]), leaf)
         for (path, leaf), keep in zip(with_paths, selected, strict=True)
         if keep
     ]

@@ -4,6 +4,9 @@
     train_chunk(state, data, idx, num_steps)  the first `num_steps` rows of `idx` [K, B] in ONE dispatch
     evaluate(apply_fn, variables, eval_data)  loss and top-1 accuracy over a whole split
 
+`preprocess` (a static `palm_jax.data.Preprocess`, default CIFAR's: crop + flip, CIFAR mean/std) is the
+dataset's: `Dataset.preprocess`.
+
 Every function is pure in its array arguments, so data parallelism only needs the arrays placed with a
 sharding; nothing here reads the host.
 """
@@ -17,8 +20,10 @@ import numpy as np
 import optax
 
 from palm_jax import prox
-from palm_jax.data import augment
+from palm_jax.data.augment import Preprocess
 from palm_jax.train.state import TrainState, float32_apply
+
+CIFAR = Preprocess()
 
 STEP_METRICS = ("loss", "correct", "penalty")
 
@@ -70,14 +75,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(
-    state: TrainState, data: DeviceData, batch_idx: jax.Array, key: jax.Array, *, dtype=jnp.float32
+    state: TrainState, data: DeviceData, batch_idx: jax.Array, key: jax.Array, *, dtype=jnp.float32,
+    preprocess: Preprocess = CIFAR,
 ):
-    """One step: gather the batch, random crop + flip, normalise to `dtype`, forward with batch statistics,
-    backward, optimiser update. Returns the new state and this step's loss, correct count and sum |scale|
-    (the penalty before the update, like the loss)."""
+    """One step: gather the batch, augment (`preprocess`: random crop + flip for CIFAR) and normalise to
+    `dtype`, forward with batch statistics, backward, optimiser update. Returns the new state and this step's
+    loss, correct count and sum |scale| (the penalty before the update, like the loss)."""
     labels = data.labels[batch_idx]
-    images = augment.random_crop_flip(key, data.images[batch_idx])
-    images = augment.normalize(images, dtype=dtype)
+    images = preprocess.train(key, data.images[batch_idx], dtype)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(state.variables(params), images, train=True, mutable=["batch_stats"])
@@ -109,8 +114,11 @@ def epoch_key(rng: jax.Array, epoch) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, 1), epoch)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",), donate_argnums=(0,))
-def train_chunk(state: TrainState, data: DeviceData, batch_idx: jax.Array, num_steps: jax.Array, *, dtype):
+@functools.partial(jax.jit, static_argnames=("dtype", "preprocess"), donate_argnums=(0,))
+def train_chunk(
+    state: TrainState, data: DeviceData, batch_idx: jax.Array, num_steps: jax.Array, *, dtype,
+    preprocess: Preprocess = CIFAR,
+):
     """Run the first `num_steps` batches of `batch_idx` [K, B] in one compiled loop.
 
     A `lax.fori_loop` with a traced trip count (an XLA while loop, like `lax.scan`), so an epoch's shorter
@@ -118,8 +126,9 @@ def train_chunk(state: TrainState, data: DeviceData, batch_idx: jax.Array, num_s
     K = 1 compiles the bare step: XLA:CPU runs convolutions inside a while loop several times slower.
     """
     k = batch_idx.shape[0]
+    step = lambda state, i: train_step(state, data, i, step_key(state), dtype=dtype, preprocess=preprocess)
     if k == 1:
-        state, metrics = train_step(state, data, batch_idx[0], step_key(state), dtype=dtype)
+        state, metrics = step(state, batch_idx[0])
         return state, {name: metrics[name][None] for name in STEP_METRICS}
     buffers = {
         "loss": jnp.zeros(k, jnp.float32),
@@ -129,7 +138,7 @@ def train_chunk(state: TrainState, data: DeviceData, batch_idx: jax.Array, num_s
 
     def body(i, carry):
         state, buffers = carry
-        state, metrics = train_step(state, data, batch_idx[i], step_key(state), dtype=dtype)
+        state, metrics = step(state, batch_idx[i])
         buffers = {name: buffers[name].at[i].set(metrics[name]) for name in STEP_METRICS}
         return state, buffers
 
@@ -137,24 +146,24 @@ def train_chunk(state: TrainState, data: DeviceData, batch_idx: jax.Array, num_s
 
 
 @functools.cache
-def _eval_batch_fn(apply_fn):
+def _eval_batch_fn(apply_fn, preprocess: Preprocess):
     @jax.jit
     def run(variables, images, labels, mask):
-        logits = apply_fn(variables, augment.normalize(images), train=False)
+        logits = apply_fn(variables, preprocess.eval(images), train=False)
         loss = jnp.sum(jnp.where(mask, cross_entropy(logits, labels), 0.0))
         return loss, jnp.sum(mask & (jnp.argmax(logits, -1) == labels))
 
     return run
 
 
-def evaluate(apply_fn, variables: dict, eval_data: EvalData) -> dict:
+def evaluate(apply_fn, variables: dict, eval_data: EvalData, preprocess: Preprocess = CIFAR) -> dict:
     """Mean loss and top-1 accuracy of `apply_fn(variables, ., train=False)` over a whole split, in float32.
 
     A model trained with bf16 compute is evaluated in float32 (`float32_apply`): evaluation is a small share
     of the time, and trained, sparse and pruned accuracies are then compared without bf16 rounding (XLA:CPU
     also miscomputes some jitted bf16 eval-mode graphs as NaN). One dispatch per batch, summed on the device
     and read once (XLA:CPU runs convolutions inside a loop program several times slower, so no `lax.scan`)."""
-    run = _eval_batch_fn(float32_apply(apply_fn))
+    run = _eval_batch_fn(float32_apply(apply_fn), preprocess)
     loss, correct = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
     for batch in zip(*eval_data, strict=True):
         batch_loss, batch_correct = run(variables, *batch)

@@ -1,0 +1,66 @@
+"""Small helpers the package shares, each written once: an exception's first line, an atomic file write, a
+pytree key path as strings, a model's variables without computing them.
+
+Importing this module imports no JAX (`abstract_variables` does, when called).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none (for one-line errors)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def atomic_write(path, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:
+    """Write `content` (text, bytes, or a function writing into a binary file) to `path` so that a reader
+    sees the old file or the whole new one: a temporary file in the same folder, then `os.replace`. Returns
+    `path`."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def key_name(key) -> str:
+    """The name of one pytree path key: a dict key, attribute name or sequence index, as a string."""
+    for attribute in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def leaf_path(path) -> tuple[str, ...]:
+    """Key names of a leaf's path (from `jax.tree_util.tree_flatten_with_path`), without the trailing
+    `.value` of an NNX `Variable` wrapper."""
+    names = tuple(key_name(k) for k in path)
+    if path and getattr(path[-1], "name", None) == "value":
+        names = names[:-1]
+    return names
+
+
+def abstract_variables(model, input_shape) -> dict:
+    """`model.init`'s variables as `jax.ShapeDtypeStruct`s for one input of shape `input_shape` (H, W, C),
+    computed without allocating or running anything (`jax.eval_shape`)."""
+    import jax
+    import jax.numpy as jnp
+
+    example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), example)
