@@ -27,6 +27,10 @@ _EXPORTS = {
     "load_pruned": "palm_jax.pruning",
     "PrunedCheckpointError": "palm_jax.pruning",
     "models": "palm_jax.models",
+    "export_model": "palm_jax.deploy",
+    "load_exported": "palm_jax.deploy",
+    "ExportError": "palm_jax.deploy",
+    "measure_latency": "palm_jax.deploy",
 }
 
 __all__ = sorted(_EXPORTS)
