@@ -15,8 +15,8 @@ The directory:
                     std, num_classes, params, flops, platforms, jax version, sha256 of the two files,
                     description (e.g. the source run)}
 
-Weights are arguments rather than constants inside the artifact: for VGG-19 (80 MB of weights) the artifact
-with constants took 7x longer to export and 3x longer to compile at load, for the same logits.
+Weights are arguments rather than constants inside the artifact: the artifact stays a few kB of program, it
+exports and compiles faster (XLA handles 80 MB of constants slowly), and the weights stay readable with numpy.
 """
 
 import hashlib

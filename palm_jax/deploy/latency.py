@@ -8,10 +8,11 @@
 
 How it is measured: each model's `apply(variables, x, train=False)` is compiled ahead of time for every batch
 size (compilation is never timed) on the default device, with the variables and a standard-normal input batch
-already there; each model runs twice as a warm-up (the second call sizes the rounds); then the models run in
-rounds, one call each per round, the order reversed every other round, so that noise from other work on the
-machine hits every model alike. Each call is timed from dispatch to `block_until_ready()`; the median over
-the rounds is reported. The number of rounds fits a time budget, between `min_repeats` and `max_repeats`.
+already there; each model runs once as a warm-up; then the models run in rounds, one call each per round,
+the order reversed every other round, so that noise from other work on the machine hits every model alike.
+Each call is timed from dispatch to `block_until_ready()`; the median over the rounds is reported. Rounds go
+on until the batch size's share of the time budget is spent, at least `min_repeats` and at most
+`max_repeats` of them: one warm-up and `min_repeats` calls per model is the least a measurement costs.
 """
 
 import time
@@ -75,14 +76,15 @@ def time_forward(models: Mapping, batches=None, *, input_shape=(32, 32, 3), budg
             variables = jax.device_put(variables, device)
             compiled = jax.jit(_forward(model)).lower(variables, x).compile()
             calls[name] = (compiled, variables)
-        _ = [_timed(fn, v, x) for fn, v in calls.values()]  # the first call of a program is slower
-        per_round = sum(_timed(fn, v, x) for fn, v in calls.values())
-        repeats = int(np.clip(budget_s / len(batches) // max(per_round, 1e-9), min_repeats, max_repeats))
-        samples = {name: [] for name in calls}
-        order = list(calls)
-        for r in range(repeats):
-            for name in order if r % 2 == 0 else reversed(order):
+        for fn, v in calls.values():  # the first call of a program is slower
+            _timed(fn, v, x)
+        samples, order = {name: [] for name in calls}, list(calls)
+        start, repeats = time.perf_counter(), 0
+        while repeats < max_repeats and (
+                repeats < min_repeats or time.perf_counter() - start < budget_s / len(batches)):
+            for name in order if repeats % 2 == 0 else reversed(order):
                 samples[name].append(_timed(*calls[name], x))
+            repeats += 1
         results[str(n)] = {"ms": {name: 1e3 * float(np.median(s)) for name, s in samples.items()},
                            "repeats": repeats}
     return {"device": device.device_kind, "platform": device.platform, "batches": results}
