@@ -29,6 +29,10 @@ _EXPORTS = {
     "PrunedCheckpointError": "palm_jax.pruning",
     "recalibrate_bn": "palm_jax.recalibrate",
     "models": "palm_jax.models",
+    "export_model": "palm_jax.deploy",
+    "load_exported": "palm_jax.deploy",
+    "ExportError": "palm_jax.deploy",
+    "measure_latency": "palm_jax.deploy",
 }
 
 __all__ = sorted(_EXPORTS)

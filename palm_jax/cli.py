@@ -1,4 +1,4 @@
-"""Command line: `palm-jax train|recipes|eval|prune ...` (also `python -m palm_jax.cli ...`).
+"""Command line: `palm-jax train|recipes|eval|prune|export ...` (also `python -m palm_jax.cli ...`).
 
     train    --recipe NAME (palm_jax/recipes.py; default: the paper recipe of --model/--method/--dataset), any
              option overriding it (one per TrainConfig field); writes the run directory (--out, default
@@ -10,6 +10,8 @@
              hold-out) or the downloaded test split, and writes it as JSON.
     prune    RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
              RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
+    export   CHECKPOINT --out DIR [--force]: what `eval` evaluates, as a jax.export artifact served by
+             `palm_jax.load_exported(DIR)` without the model's code (palm_jax/deploy).
 
 A user error (bad option, missing data, foreign checkpoint) prints one line and exits with status 2; a
 diverged run (NaN or infinite loss) prints the step and exits with 3; an interrupted one exits with 130 and
@@ -142,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprune.add_argument("--out", help="folder for the pruned model (default: RUN_DIR/pruned-<fold>)")
     reprune.set_defaults(func=cmd_prune)
+
+    export = commands.add_parser("export", help="write a checkpoint as a jax.export artifact to serve")
+    export.add_argument("checkpoint", help="a run directory, its checkpoints/<epoch>, or a pruned model")
+    export.add_argument("--out", required=True, help="folder for model.jax, weights.npz, exported.json")
+    export.add_argument("--which", choices=("latest", "best"), default="latest", help="which checkpoint")
+    export.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -325,6 +334,14 @@ def cmd_prune(args) -> int:
           f"({r['fold']['carrier_channels']} carriers), params {r['params_before']} -> {r['params_after']}, "
           f"max logit deviation {r['max_logit_deviation']:.3g}")
     print(f"pruned: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from palm_jax.deploy import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, force=args.force, which=args.which)
+    print(f"exported: {out} (serve it with palm_jax.load_exported)")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""CPU smoke runs, all at once: benchmarks/step_time.py and benchmarks/epoch_time.py with a tiny VGG, and
-benchmarks/prune_time.py on VGG-19."""
+"""CPU smoke runs, all at once: benchmarks/step_time.py and benchmarks/epoch_time.py with a tiny VGG,
+benchmarks/prune_time.py on VGG-19 and benchmarks/inference_time.py --quick."""
 
 import importlib.util
 import json
@@ -18,6 +18,7 @@ COMMANDS = {
     "epoch": ["epoch_time.py", "--num-images", "128", "--eval-images", "32", "--batch-size", "32",
               "--epochs", "2", "--repeats", "2", *TINY],
     "prune": ["prune_time.py", "--models", "vgg19"],
+    "inference": ["inference_time.py", "--quick"],
 }
 
 
@@ -129,3 +130,18 @@ def test_prune_time_exact_fold_keeps_the_logits(runs):
     assert exact["channels_after"] == closest["channels_after"] + exact["carrier_channels"]
     assert exact["channels_after"] < exact["channels_before"] == 5504
     assert _last_table(stdout)[-1][:2] == ["vgg19", "closest"]
+
+
+def test_inference_time_rows_for_both_prunes_dtypes_and_batches(runs):
+    result, stdout = runs["inference"]
+    rows = {(r["prune"], r["dtype"], r["batch"]): r for r in result["rows"]}
+    dtypes = ("float32", "bfloat16")
+    assert set(rows) == {(p, d, b) for p in ("NS 70%", "zeros") for d in dtypes for b in (1, 8)}
+    for row in rows.values():
+        assert row["unpruned_ms"] > 0 and row["pruned_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["unpruned_ms"] / row["pruned_ms"])
+        assert row["params"][1] < row["params"][0] and row["flops"][1] < row["flops"][0]
+    # NS's 70% removes more than the zero channels (half of the scales) do
+    assert rows["NS 70%", "float32", 1]["channels"][1] < rows["zeros", "float32", 1]["channels"][1]
+    assert result["device"] == result["env"]["device_kind"]
+    assert _last_table(stdout)[-1][:4] == ["vgg11/16", "zeros", "bfloat16", "8"]

@@ -170,7 +170,8 @@ def test_first_load_downloads_and_prepares_the_next_reads_without_network(name, 
         again = load_dataset(name)
         assert len(server.requests) == 2 * len(fetched)  # a HEAD (the reachability check) and a GET per file
     if name == "svhn":  # as in the originals, SVHN trains on train + extra
-        expected["train"] = tuple(np.concatenate([expected["train"][i], expected["extra"][i]]) for i in (0, 1))
+        expected["train"] = tuple(np.concatenate([expected["train"][i], expected["extra"][i]])
+                                  for i in (0, 1))
         extra = download.load_split("svhn", "extra")  # prepared with the rest: read again, nothing fetched
         assert len(server.requests) == 2 * len(fetched)
         np.testing.assert_array_equal(extra[0], expected["extra"][0])

@@ -43,7 +43,7 @@ class RunDirError(ConfigError):
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
-    """The dataset `cfg` names, as host uint8 arrays (synthetic: generated; otherwise an npz folder or the downloaded splits)."""
+    """The dataset `cfg` names as host uint8 arrays: generated, an npz folder, or the downloaded splits."""
     if cfg.dataset == "synthetic":
         return synthetic_dataset(
             num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
