@@ -24,18 +24,18 @@ import common
 import numpy as np
 import prune_time
 
-MODELS = {"vgg19": "vgg", "preresnet164": "resnet", "densenet40": "densenet"}  # -> DEFAULT_PRUNE_PERCENT key
+MODELS = {"vgg19": "vgg", "preresnet164": "resnet", "densenet40": "densenet"}  # -> palm_jax.recipes model
 DTYPES = ("float32", "bfloat16")
 
 
 def pruned_models(name: str, model, seed: int) -> tuple[dict, dict]:
     """{variant: (model, variables)} for the unpruned network and its two prunes, and {variant: facts}."""
     from palm_jax import prune
-    from palm_jax.train.experiment import DEFAULT_PRUNE_PERCENT
+    from palm_jax.recipes import ns_prune_percent
 
     probe = np.random.default_rng(seed).normal(size=(8, 32, 32, 3)).astype(np.float32)
     variables = prune_time.sparse_variables(model, probe, seed)
-    percent = DEFAULT_PRUNE_PERCENT["ns"][MODELS.get(name, "vgg")]
+    percent = ns_prune_percent(MODELS.get(name, "vgg"), "cifar10")
     pairs, facts = {"unpruned": (model, variables)}, {}
     for variant, options in ((f"NS {percent:.0f}%", {"percent": percent}), ("zeros", {})):
         start = time.perf_counter()
