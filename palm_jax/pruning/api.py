@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from palm_jax.pruning import engine, evaluate, flops, widths
@@ -85,7 +84,7 @@ def _analyse(model, paths, values, treedef, probe) -> Analysed:
         raise ValueError(
             f"prune: {type(model).__name__}.apply(variables, probe, train=False) fails on the probe batch of "
             f"shape {tuple(probe.shape)} ({_first_line(err)}); pass the variables of this model and probe= a "
-            "batch of the input size it was built for (the default probe is 2 random 32x32x3 images)"
+            "batch of the input size it was built for (the default probe is one random 32x32x3 image)"
         ) from err
     structure = engine.analyse(paths, values, closed, gathering=lambda name: widths.gathers(model))
     shapes_of = lambda m: widths.abstract_shapes(m, probe, paths)
@@ -109,8 +108,8 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
       percent: instead, Network Slimming's global rule: remove |scale| <= the value at index
         floor(n * percent / 100) of all n BN scales sorted together.
       min_channels: keep at least this many channels (the largest-|scale| ones) in every conv and gather.
-      probe: an input batch (NHWC) for tracing and for the exactness check; default 2 standard normal
-        32x32x3 images.
+      probe: an input batch (NHWC) for tracing and for the exactness check; default one standard normal
+        32x32x3 image.
       fold: fold the constants that removed channels emit into biases / BN means (False: only slice).
       exact: where a removed channel's constant cannot be folded exactly (zero padding, a padded pool, a
         nonlinearity), keep one constant input channel of the conv concerned as a carrier for the others
@@ -126,7 +125,7 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     _check_arguments(threshold, percent, min_channels, tolerance)
     widths.model_widths(model)  # fail early on a model outside the width protocol
     if probe is None:
-        probe = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+        probe = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
     probe = np.asarray(probe)
     clock = time.perf_counter()
     paths, values, treedef = _flatten(variables)
@@ -150,7 +149,7 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     seconds["check"] = time.perf_counter() - clock
     if fold and exact and check["relative_deviation"] > tolerance:
         raise ValueError(reporting.refusal(model, pruned, variables, plan, treedef, probe, check, tolerance))
-    new_variables = treedef.unflatten([jnp.asarray(v) for v in plan.values])
+    new_variables = treedef.unflatten([jax.device_put(v) for v in plan.values])  # (no per-shape compile)
     report = reporting.summary(
         model, pruned, variables, new_variables, plan, analysed, probe, check,
         flops_after=flops.count(pruned_closed, len(values), paths), percent=percent,

@@ -62,6 +62,7 @@ class Structure:
     gathering: dict  # BN index -> its single entry (stream nodes, indices, BN-side nodes)
     first: Walk | None = None  # the recording walk's findings (exits for the values analysed)
     _owners: tuple | None = None
+    _consts: dict = field(default_factory=dict)  # per leaf: (value, its constants), reused while unchanged
 
     def leaves(self, values) -> list[Leaf]:
         return [Leaf(p, np.asarray(v), a) for p, v, a in zip(self.paths, values, self.axes, strict=True)]
@@ -76,10 +77,10 @@ class Structure:
         self.graph.begin_walk()
         values = [leaf.value for leaf in leaves]
         values = slicing.zero_scales(values, leaves, self.bns, self.graph.all_roots(), bns_zero) \
-            if bns_zero is not None else _all_scales_zero(values, self.bns)
-        walker = Walker(self.graph, [Leaf(p, v, a) for p, v, a in zip(self.paths, values, self.axes,
-                                                                         strict=True)],
-                        uses=self.uses, gather_leaves=gather_leaves, owner=owner, **kwargs)
+            if bns_zero is not None else _all_scales_zero(values, self.bns)  # bns_zero: a mask over roots
+        leaves = [Leaf(p, v, a) for p, v, a in zip(self.paths, values, self.axes, strict=True)]
+        walker = Walker(self.graph, leaves, uses=self.uses, gather_leaves=gather_leaves, owner=owner,
+                        consts=self._consts, **kwargs)
         return walker.run(self.closed, len(leaves))
 
     def plan(self, values, resizable, *, threshold=0.0, percent=None, min_channels=1, fold=True,
@@ -91,50 +92,52 @@ class Structure:
         layers = [first.layers[k] for k in (layer.kernel for layer in self.layers)]
         if percent is not None:
             threshold = slicing.percent_threshold(leaves, self.bns, percent)
-        edges = slicing.class_edges(self.graph)
+        edges = self.graph.class_edges()
+        n = len(self.graph)
         clamp_axes = [leaves[k].axes[_layer(layers, k).out_axis] for k in _ordered(layers, resizable)] + [
             leaves[self.bns[b].scale].axes[0] for b in self.gathering
         ]
         decide = lambda blocked, kept: slicing.decide(self.graph, leaves, self.bns, layers, resizable, edges,
                                                       clamp_axes, threshold, min_channels, blocked, kept)
         seconds = {"decide": time.perf_counter() - clock, "fold": 0.0}
-        blocked, requested, force, carriers, walk = set(), {}, set(), {}, None
+        blocked, requested, force, carriers, walk = np.zeros(n, dtype=bool), {}, set(), {}, None
+        kept = np.zeros(n, dtype=bool)
         for _ in range(MAX_WALKS if fold else 0):
             clock = time.perf_counter()
-            removed, _, _ = decide(blocked, frozenset())
-            carriers = {k: c for k, c in requested.items() if c[1] in removed} if exact else {}
-            removed, clamped, meeting = decide(blocked, {c[1] for c in carriers.values()})
+            removed, _, _ = decide(blocked, None)
+            carriers = {k: c for k, c in requested.items() if removed[c[1]]} if exact else {}
+            kept = slicing.mask_of(n, (c[1] for c in carriers.values()))
+            removed, clamped, meeting = decide(blocked, kept)
             seconds["decide"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            walk = self.walk(leaves, removed | {c[1] for c in carriers.values()}, removed=removed,
-                             carriers=carriers if exact else None, force=frozenset(force))
+            walk = self.walk(leaves, removed | kept, removed=removed, carriers=carriers if exact else None,
+                             force=frozenset(force))
             seconds["fold"] += time.perf_counter() - clock
-            news = (walk.unfoldable - blocked, set(walk.requests) - set(requested), walk.force - force)
-            blocked |= walk.unfoldable
+            unfoldable = np.fromiter(walk.unfoldable, dtype=np.int64)
+            news = (not blocked[unfoldable].all(), set(walk.requests) - set(requested), walk.force - force)
+            blocked[unfoldable] = True
             requested.update({k: c for k, c in walk.requests.items() if k not in requested})
             force |= walk.force
             if not any(news):
                 break
         if walk is None:
-            removed, clamped, meeting = decide(blocked, frozenset())
+            removed, clamped, meeting = decide(blocked, None)
         clock = time.perf_counter()
-        plan = self._slice(leaves, values, resizable, layers, removed, carriers, clamped, meeting, walk)
+        plan = self._slice(leaves, values, resizable, layers, removed, kept, clamped, meeting, walk)
         plan.threshold = float(threshold)
-        plan.fold.update(enabled=bool(fold), blocked=len(blocked))
+        plan.fold.update(enabled=bool(fold), blocked=int(blocked.sum()))
         seconds["slice"] = time.perf_counter() - clock
         plan.seconds = seconds
         return plan
 
-    def _slice(self, leaves, values, resizable, layers, removed, carriers, clamped, meeting, walk) -> Plan:
+    def _slice(self, leaves, values, resizable, layers, removed, kept_zero, clamped, meeting, walk) -> Plan:
         roots = self.graph.all_roots()
-        kept_zero = {c[1] for c in carriers.values()}
         reference = slicing.zero_scales(values, leaves, self.bns, roots, removed | kept_zero)
         adjusted = list(reference)
         for i, delta in (walk.adjust if walk else {}).items():
             adjusted[i] = (adjusted[i] + delta).astype(np.asarray(values[i]).dtype)
-        gone = np.isin(roots, list(removed))
+        gone, is_zero = removed[roots], kept_zero[roots]
         sliced, keep = slicing.slice_leaves(leaves, adjusted, gone)
-        is_zero = np.isin(roots, list(kept_zero))
         out_nodes = {layer.kernel: leaves[layer.kernel].axes[layer.out_axis] for layer in layers}
         order = _ordered(layers, resizable)
         bn_channels = []
@@ -150,12 +153,12 @@ class Structure:
             clamped=[order[i] for i in clamped if i < len(order)],
             carriers={k: int(np.sum(is_zero[out_nodes[k]])) for k in order},
             bn_channels=bn_channels,
-            kept_meeting=sum(int(np.isin(roots[out_nodes[k]], list(meeting)).sum()) for k in order),
+            kept_meeting=sum(int(meeting[roots[out_nodes[k]]].sum()) for k in order),
             fold={
                 "absorbed": sorted(set(walk.absorbed)) if walk else [],
                 "approximate": sorted(set(walk.approximate)) if walk else [],
                 "carriers": names(walk.carried) if walk else [],
-                "carrier_channels": len(kept_zero),
+                "carrier_channels": int(kept_zero.sum()),
                 "unabsorbed": walk.unabsorbed if walk else [],
             },
             threshold=0.0,

@@ -32,6 +32,8 @@ FREE = frozenset([
     "transpose", "concatenate", "slice", "gather", "pad", "iota", "copy", "copy_p", "optimization_barrier",
 ])
 VIEWS = frozenset(["broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims"])
+CALLED = frozenset(["jit", "pjit", "closed_call", "core_call"])  # lowered as a call to its own function
+FOLDED = PER_ELEMENT | {"select_n", "integer_pow"}  # on constants alone, XLA folds these (0 FLOPs)
 
 
 def _size(var) -> int:
@@ -143,30 +145,76 @@ def count(closed, n_leaves: int, paths) -> dict:
     kernels_with_bias = {modules[i] for i, p in enumerate(paths) if p[0] == "params" and p[-1] == "bias"}
     biased = {i for i, p in enumerate(paths) if p[-1] == "kernel" and modules[i] in kernels_with_bias}
     views = dict(zip(jaxpr.invars[:n_leaves], range(n_leaves), strict=True))
-    totals = {"xla": 0.0, "papers": 0.0}
-    _walk(jaxpr, set(inputs), views, totals, batch, bn_means, biased)
-    return totals
+    papers = [0.0]
+    static = set(jaxpr.constvars)
+    _, amounts = _walk(jaxpr, set(inputs), views, papers, batch, bn_means, biased, static)
+    return {"xla": float(_in_xla_order(jaxpr, amounts, np.float32(0))), "papers": papers[0]}
 
 
-def _walk(jaxpr, tainted, views, totals, batch, bn_means, biased) -> set:
+def _walk(jaxpr, tainted, views, papers, batch, bn_means, biased, static):
+    """(tainted vars, per equation its XLA count or, for a call, (kind, inner jaxpr, inner amounts)).
+    `static` holds the vars computed from constants alone: XLA folds elementwise ops on them."""
+    amounts = []
+    is_static = lambda v: isinstance(v, jcore.Literal) or v in static
     for eqn in jaxpr.eqns:
         hit = any(not isinstance(v, jcore.Literal) and v in tainted for v in eqn.invars)
         sub = inner(eqn)
         if sub is not None:
             inner_jaxpr = sub[0]
-            inner_taint = {iv for iv, ov in zip(inner_jaxpr.invars, eqn.invars, strict=True)
-                           if not isinstance(ov, jcore.Literal) and ov in tainted}
-            inner_views = {iv: _view(views, ov) for iv, ov in zip(inner_jaxpr.invars, eqn.invars, strict=True)
-                           if _view(views, ov) is not None}
-            out_taint = _walk(inner_jaxpr, inner_taint, inner_views, totals, batch, bn_means, biased)
+            pairs = list(zip(inner_jaxpr.invars, eqn.invars, strict=True))
+            inner_taint = {iv for iv, ov in pairs if not isinstance(ov, jcore.Literal) and ov in tainted}
+            inner_views = {iv: _view(views, ov) for iv, ov in pairs if _view(views, ov) is not None}
+            inner_static = set(sub[0].constvars) | {iv for iv, ov in pairs if is_static(ov)}
+            out_taint, sub_amounts = _walk(inner_jaxpr, inner_taint, inner_views, papers, batch, bn_means,
+                                           biased, inner_static)
             tainted.update(ov for iv, ov in zip(inner_jaxpr.outvars, eqn.outvars, strict=True)
                            if iv in out_taint)
+            kind = "call" if eqn.primitive.name in CALLED else "inline"
+            amounts.append((kind, inner_jaxpr, sub_amounts))
             continue
         scale = 1.0 / batch if hit else 1.0
-        totals["xla"] += _xla(eqn) * scale
-        totals["papers"] += _papers(eqn, views, hit, bn_means, biased) * scale
+        folded = all(is_static(v) for v in eqn.invars)
+        if folded:
+            static.update(eqn.outvars)
+        amounts.append(0.0 if folded and eqn.primitive.name in FOLDED else _xla(eqn) * scale)
+        papers[0] += _papers(eqn, views, hit, bn_means, biased) * scale
         if hit:
             tainted.update(eqn.outvars)
         if eqn.primitive.name in VIEWS and _view(views, eqn.invars[0]) is not None:
             views[eqn.outvars[0]] = views[eqn.invars[0]]
-    return tainted
+    return tainted, amounts
+
+
+def _in_xla_order(jaxpr, amounts, total):
+    """Sum the equations' counts as XLA's cost analysis does: in float32, in post-order from the outputs
+    (operands first, in order), a called function's count summed on its own first."""
+    producer = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars
+                if not isinstance(v, jcore.DropVar)}
+    used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jcore.Literal)}
+    ends = [i for i, eqn in enumerate(jaxpr.eqns) if not any(v in used for v in eqn.outvars)]
+    done = set()
+    for start in [*(producer[v] for v in jaxpr.outvars if not isinstance(v, jcore.Literal) and v in producer),
+                  *ends]:
+        stack = [(start, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if i in done:
+                continue
+            if not expanded:
+                stack.append((i, True))
+                for v in reversed(jaxpr.eqns[i].invars):
+                    j = None if isinstance(v, jcore.Literal) else producer.get(v)
+                    if j is not None and j not in done:
+                        stack.append((j, False))
+                continue
+            done.add(i)
+            amount = amounts[i]
+            if isinstance(amount, tuple):
+                kind, sub, sub_amounts = amount
+                if kind == "call":
+                    total = np.float32(total + _in_xla_order(sub, sub_amounts, np.float32(0)))
+                else:
+                    total = _in_xla_order(sub, sub_amounts, total)
+            else:
+                total = np.float32(total + np.float32(amount))
+    return total

@@ -110,6 +110,21 @@ class ChannelGraph:
     def is_pinned(self, root: int) -> bool:
         return self._pinned[self.find(root)]
 
+    def pinned_mask(self) -> np.ndarray:
+        """Per class root (node id), whether the class is pinned (frozen graphs)."""
+        roots = self.all_roots()
+        return np.asarray(self._pinned, dtype=bool)[roots]
+
+    def class_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """The gather edges between classes as (source roots, target roots), ties within a class dropped."""
+        if not self.edges:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        roots = self.all_roots()
+        pairs = np.unique(np.stack([np.concatenate([roots[s] for s, _ in self.edges]),
+                                    np.concatenate([roots[t] for _, t in self.edges])], axis=1), axis=0)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        return pairs[:, 0], pairs[:, 1]
+
 
 @dataclass
 class Leaf:

@@ -14,7 +14,7 @@ Channels tied by the trace form one class. A class is removed when
 
 import numpy as np
 
-from palm_jax.pruning.graph import ChannelGraph, Leaf
+from palm_jax.pruning.graph import Leaf
 
 
 def percent_threshold(leaves: list[Leaf], bns, percent: float) -> float:
@@ -25,87 +25,91 @@ def percent_threshold(leaves: list[Leaf], bns, percent: float) -> float:
     return float(scales[int(len(scales) * percent / 100)])
 
 
-def class_edges(graph: ChannelGraph) -> dict:
-    """Gather edges between classes: source root -> set of target roots (ties within a class dropped)."""
-    roots, out = graph.all_roots(), {}
-    for stream, side in graph.edges:
-        for s, t in zip(roots[stream].tolist(), roots[side].tolist(), strict=True):
-            if s != t:
-                out.setdefault(s, set()).add(t)
-    return out
-
-
-def _fixpoint(removed: set, edges: dict) -> set:
-    """Drop from `removed` every class with a gather edge to a kept class, until none is left."""
-    sources = {}
-    for s, targets in edges.items():
-        for t in targets:
-            sources.setdefault(t, []).append(s)
-    removed = set(removed)
-    queue = [t for t in sources if t not in removed]
-    while queue:
-        for s in sources.get(queue.pop(), ()):
-            if s in removed:
-                removed.discard(s)
-                queue.append(s)
-    return removed
+def _fixpoint(removed: np.ndarray, edges) -> np.ndarray:
+    """Keep every class with a gather edge to a kept class, until none is left (`removed`: per root)."""
+    sources, targets = edges
+    removed = removed.copy()
+    while True:
+        keep = removed[sources] & ~removed[targets]
+        if not keep.any():
+            return removed
+        removed[sources[keep]] = False
 
 
 def decide(graph, leaves, bns, layers, resizable, edges, clamp_axes, threshold: float, min_channels: int,
-           blocked=frozenset(), kept=frozenset()):
-    """(removed class roots, indices of `clamp_axes` given back channels by `min_channels`, roots that meet
-    the criterion but stay).
+           blocked=None, kept=None):
+    """(removed, indices of `clamp_axes` given back channels by `min_channels`, meeting the criterion but
+    kept): masks over class roots (node ids).
 
     `layers` are the traced conv/Dense layers (exits recorded with all BN scales zero), `resizable` the
-    kernels whose output width may change, `edges` the class-level gather edges, `clamp_axes` node arrays
-    that must keep min_channels (each resizable conv's output axis, each gathering BN), `blocked` roots a
-    walk found unfoldable, `kept` roots that stay whatever their scales (carriers).
+    kernels whose output width may change, `edges` the class-level gather edges (sources, targets),
+    `clamp_axes` node arrays that must keep min_channels (each resizable conv's output axis, each gathering
+    BN), `blocked` roots a walk found unfoldable, `kept` roots that stay whatever their scales (carriers).
     """
     roots = graph.all_roots()
-    score, meets = {}, {}
+    n = len(roots)
+    score, meets, has_bn = np.zeros(n), np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
     for bn in bns:
-        scale = np.abs(leaves[bn.scale].value)
-        for root, s in zip(roots[leaves[bn.scale].axes[0]].tolist(), scale.tolist(), strict=True):
-            score[root] = max(score.get(root, 0.0), s)
-            meets[root] = meets.get(root, True) and s <= threshold
-    produced, fixed = set(), set(blocked) | set(kept)
+        at = roots[leaves[bn.scale].axes[0]]
+        scale = np.abs(np.asarray(leaves[bn.scale].value, dtype=np.float64))
+        np.maximum.at(score, at, scale)
+        np.logical_and.at(meets, at, scale <= threshold)
+        has_bn[at] = True
+    produced, fixed = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for mask in (blocked, kept):
+        if mask is not None:
+            fixed |= mask
     for layer in layers:
-        out = roots[leaves[layer.kernel].axes[layer.out_axis]].tolist()
-        (produced if layer.kernel in resizable else fixed).update(out)
+        out = roots[leaves[layer.kernel].axes[layer.out_axis]]
+        (produced if layer.kernel in resizable else fixed)[out] = True
         for nodes, constant in layer.exits:
-            fixed.update(roots[nodes[~constant]].tolist())
-    produced.update(t for targets in edges.values() for t in targets)
-    own = {r for r in produced - fixed if meets.get(r, True) and not graph.is_pinned(r)}
-    removed = _fixpoint(own, edges)
-    rank = {r: max([score.get(r, 0.0)] + [score.get(t, 0.0) for t in edges.get(r, ())]) for r in produced}
+            fixed[roots[nodes[~constant]]] = True
+    sources, targets = edges
+    produced[targets] = True
+    removed = _fixpoint(produced & ~fixed & meets & ~graph.pinned_mask(), edges)
+    rank = score.copy()
+    np.maximum.at(rank, sources, score[targets])  # a stream channel ranks by the largest scale it feeds
     axes = [roots[nodes] for nodes in clamp_axes]
-    lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~np.isin(axis, list(removed))))
+    lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~removed[axis]))
     clamped = [i for i, axis in enumerate(axes) if lacking(axis) > 0]
+    feeds = {}
+    for s, t in zip(sources.tolist(), targets.tolist(), strict=True):
+        feeds.setdefault(s, []).append(t)
     for i in clamped:
         axis, need = axes[i], lacking(axes[i])
-        for root in sorted(set(axis.tolist()) & removed, key=lambda r: -rank.get(r, 0.0)):
+        for root in sorted(set(axis[removed[axis]].tolist()), key=lambda r: -rank[r]):
             if need <= 0:
                 break
             stack = [root]  # give back the class and what it feeds
             while stack:
                 r = stack.pop()
-                if r in removed:
-                    removed.discard(r)
-                    stack.extend(edges.get(r, ()))
+                if removed[r]:
+                    removed[r] = False
+                    stack.extend(feeds.get(r, ()))
             need -= int(np.sum(axis == root))
     removed = _fixpoint(removed, edges)
-    meeting = {r for r, ok in meets.items() if ok} | {
-        s for s, targets in edges.items() if meets.get(s, True) and all(meets.get(t, False) for t in targets)
-    }
-    return removed, clamped, meeting - removed - set(kept)
+    feeding_ok = np.ones(n, dtype=bool)
+    np.logical_and.at(feeding_ok, sources, meets[targets] & has_bn[targets])
+    touched = has_bn.copy()
+    touched[sources] = True
+    meeting = touched & meets & feeding_ok & ~removed
+    if kept is not None:
+        meeting &= ~kept
+    return removed, clamped, meeting
+
+
+def mask_of(n: int, roots) -> np.ndarray:
+    """A mask over class roots from an iterable of roots."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.fromiter(roots, dtype=np.int64)] = True
+    return mask
 
 
 def zero_scales(values: list[np.ndarray], leaves: list[Leaf], bns, roots: np.ndarray, classes) -> list:
-    """`values` with the BN scales of `classes` (class roots) at exactly zero."""
+    """`values` with the BN scales of `classes` (a mask over class roots) at exactly zero."""
     values = list(values)
-    chosen = np.asarray(sorted(classes), dtype=np.int64)
     for bn in bns:
-        zero = np.isin(roots[leaves[bn.scale].axes[0]], chosen)
+        zero = classes[roots[leaves[bn.scale].axes[0]]]
         if zero.any():
             values[bn.scale] = np.where(zero, 0, values[bn.scale]).astype(values[bn.scale].dtype)
     return values

@@ -61,21 +61,23 @@ class Walk:
 
 
 class Walker(ShapeRules):
-    """One walk over the traced forward pass. `removed` (a set of class roots) turns on folding.
+    """One walk over the traced forward pass. `removed` (a mask over class roots) turns on folding.
 
     `gather_leaves` maps the leaves of every BatchNorm that gathers to its BN id; `owner` maps the nodes
     of those leaves to the same id; `force` are kernels that must carry (exact mode)."""
 
-    def __init__(self, graph: ChannelGraph, leaves: list[Leaf], removed: set | None = None, uses=None,
-                 carriers: dict | None = None, gather_leaves=None, owner=None, force=frozenset()):
+    def __init__(self, graph: ChannelGraph, leaves: list[Leaf], removed: np.ndarray | None = None,
+                 uses=None, carriers: dict | None = None, gather_leaves=None, owner=None, force=frozenset(),
+                 consts=None):
         self.graph, self.leaves, self.removed = graph, leaves, removed
+        self.consts = {} if consts is None else consts  # leaf index -> (value, const_of(value)), reused
         self.uses = uses or {}  # consumers per leaf, counted by the first walk (a bias must have one)
         self.carriers = carriers  # None: approximate folding next to padding
         self.gather_leaves, self.owner = gather_leaves or {}, owner or {}
         self.force = force
         self.out = Walk()
         if removed is not None:
-            self.gone = np.isin(graph.all_roots(), list(removed))
+            self.gone = removed[graph.all_roots()]
 
     # -- driving -------------------------------------------------------------------------------------------
     def run(self, closed, n_leaves: int) -> Walk:
@@ -116,7 +118,10 @@ class Walker(ShapeRules):
     def _leaf_val(self, i: int) -> Val:
         leaf = self.leaves[i]
         nodes = leaf.axes[-1] if leaf.value.ndim else None
-        return Val(nodes, const_of(leaf.value), leaf=i)
+        cached = self.consts.get(i)
+        if cached is None or cached[0] is not leaf.value:
+            cached = self.consts[i] = (leaf.value, const_of(leaf.value))
+        return Val(nodes, cached[1], leaf=i)
 
     def _fresh(self, aval, *, pinned=False):
         return self.graph.fresh(aval.shape[-1], pinned=pinned) if aval.shape else None

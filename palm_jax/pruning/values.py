@@ -105,12 +105,13 @@ def elementwise_const(eqn, args: list[Val], aval):
     """(constant values, pattern) of an elementwise op's output: the op applied to its operands' constants
     where all are constant, and 0 where a product has a constant-0 factor (how a zero BN scale silences x).
     Channels whose value is no constant times one shared pattern are NaN."""
-    shape = aval.shape[-1:]
+    shape, name = aval.shape[-1:], eqn.primitive.name
+    if name != "mul" and any(np.isnan(a.const).all() for a in args):  # the common case, fast
+        return np.full(shape, np.nan), None
     vecs = [np.broadcast_to(a.const, shape) for a in args]
     known = [~np.isnan(v) for v in vecs]
     mask = np.logical_and.reduce(known)
     zero = np.logical_or.reduce([k & (v == 0) for v, k in zip(vecs, known, strict=True)])
-    name = eqn.primitive.name
     if name == "mul":
         mask = mask | zero
     if not np.any(mask):
