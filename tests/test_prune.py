@@ -190,8 +190,9 @@ def test_architectures_prune_to_the_same_logits(name):
     close = prune(model, positive, probe=x, exact=False)
     raw = prune(model, positive, probe=x, fold=False)
     assert close.model.widths == result.model.widths
-    # a carrier is a removed channel kept, unless a kept input was constant already
-    assert sum(folded.model.widths) - sum(close.model.widths) == folded.report["fold"]["carrier_channels"]
+    # a carrier is a removed BN channel kept (scale 0), unless a kept input was constant already
+    carriers = folded.report["fold"]["carrier_channels"]
+    assert folded.report["bn_channels_after"] - close.report["bn_channels_after"] == carriers
     assert close.report["max_logit_deviation"] < raw.report["max_logit_deviation"] / 2
     assert close.report["fold"]["absorbed"] and close.report["fold"]["unabsorbed"] == []
 
