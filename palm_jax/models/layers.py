@@ -127,7 +127,7 @@ def set_selections(module: nn.Module, count: int) -> None:
                          f"{count} BatchNorms; pass one entry (None or input channel indices) per BN in "
                          "forward order")
     if any(s is not None and (not s or min(s) < 0) for s in selections):
-        raise ValueError(f"{name}: every selection must be None or non-empty non-negative indices")
+        raise ValueError(f"{name}: every entry of selections must be None or non-empty non-negative indices")
     object.__setattr__(module, "selections", selections)
 
 
