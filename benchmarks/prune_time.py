@@ -5,7 +5,8 @@
 
 Each network gets NS initial weights, then, from a seed: a random half of every BN's scales set to exactly
 0, the other scales and the running means / variances perturbed, and positive BN biases U(0, 0.1), so that
-every removed channel emits a nonzero constant relu(bias) (the case where folding needs carriers). `prune`
+every removed channel emits a nonzero constant relu(bias) (the case where folding needs carriers;
+--bias-sign -1 makes them emit 0). `prune`
 runs with its defaults (exact folding, the float64 exactness check on a one-image probe): a first call
 (cold: tracing the model, analysing it, resolving its widths), then --repeats calls on masks from other
 seeds (warm: the trace is cached per model and input shape, the pruned model is new each time); the table
@@ -42,8 +43,9 @@ def build(name: str):
 _INITS = {}
 
 
-def sparse_variables(model, probe, seed: int) -> dict:
-    """NS init, then half of every BN's scales at exactly 0, positive biases, perturbed statistics."""
+def sparse_variables(model, probe, seed: int, bias_sign: float = 1.0) -> dict:
+    """NS init, then half of every BN's scales at exactly 0, biases of sign `bias_sign`, perturbed
+    statistics."""
     import jax
     from flax import traverse_util
 
@@ -57,7 +59,7 @@ def sparse_variables(model, probe, seed: int) -> dict:
             value *= rng.uniform(0.5, 1.5, value.shape)
             value[rng.random(value.shape) < 0.5] = 0.0
         elif key[-1] == "bias" and key[0] == "params" and (*key[:-1], "scale") in flat:
-            value[:] = rng.uniform(0.0, 0.1, value.shape)
+            value[:] = bias_sign * rng.uniform(0.0, 0.1, value.shape)
         elif key[-1] == "var":
             value[:] = rng.uniform(0.5, 1.5, value.shape)
         elif key[-1] == "mean":
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="warm calls (each on another mask)")
+    parser.add_argument("--bias-sign", type=float, default=1.0, choices=[1.0, -1.0],
+                        help="-1: negative BN biases, so removed channels emit 0 and need no carrier")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -150,9 +154,9 @@ def main() -> None:
     rows, ns_rows, records = [], [], []
     for name in args.models:
         model = build(name)
-        variables = sparse_variables(model, probe, args.seed)
+        variables = sparse_variables(model, probe, args.seed, args.bias_sign)
         result, cold = timed_prune(model, variables, probe)
-        warm = [timed_prune(model, sparse_variables(model, probe, args.seed + 1 + i), probe)
+        warm = [timed_prune(model, sparse_variables(model, probe, args.seed + 1 + i, args.bias_sign), probe)
                 for i in range(args.repeats)]
         seconds = statistics.median(s for _, s in warm)
         close, _ = timed_prune(model, variables, probe, exact=False)

@@ -60,7 +60,7 @@ class Structure:
     layers: list  # conv / Dense layers in forward order (first application)
     uses: dict
     gathering: dict  # BN index -> its single entry (stream nodes, indices, BN-side nodes)
-    first: Walk | None = None  # the recording walk's findings (exits for the values analysed)
+    first: Walk | None = None  # a walk with every BN scale zero (its layers' exits)
     _owners: tuple | None = None
     _consts: dict = field(default_factory=dict)  # per leaf: (value, its constants), reused while unchanged
 
@@ -87,8 +87,9 @@ class Structure:
              exact=True) -> Plan:
         clock = time.perf_counter()
         leaves = self.leaves(values)
-        first = self.first if self.first is not None else self.walk(leaves, None)
-        self.first = None  # findings of the analysed values serve one plan only
+        # which reads are constant with every scale at zero: structural, so kept for later values (were a
+        # removed channel read non-constantly after all, the folding walk blocks it)
+        first = self.first = self.first if self.first is not None else self.walk(leaves, None)
         layers = [first.layers[k] for k in (layer.kernel for layer in self.layers)]
         if percent is not None:
             threshold = slicing.percent_threshold(leaves, self.bns, percent)
