@@ -178,26 +178,22 @@ def test_user_model_with_residual_and_concat_gathers_exactly(bias_sign):
     assert again.model == result.model
 
 
-class Example(nn.Module):
-    """The example of palm_jax.pruning's docstring, verbatim."""
+def docstring_example():
+    """The example model of palm_jax.pruning's docstring, run from the docstring itself."""
+    import textwrap
 
-    widths: tuple[int, ...] = (16, 8, 16)
-    selections: tuple | None = None
+    import palm_jax.pruning
 
-    @nn.compact
-    def __call__(self, x, train: bool):
-        sel = self.selections or (None, None, None)
-        pick = lambda v, s: v if s is None else v[..., np.asarray(s)]
-        bn = functools.partial(nn.BatchNorm, use_running_average=not train)
-        a = nn.Conv(self.widths[0], (3, 3))(x)
-        h = nn.relu(bn()(pick(a, sel[0])))
-        h = nn.relu(bn()(pick(nn.Conv(self.widths[1], (3, 3))(h), sel[1])))
-        r = a + nn.Conv(self.widths[2], (1, 1))(h)  # widths[0] and widths[2] are added: tied
-        return nn.Dense(10)(nn.relu(bn()(pick(r, sel[2]))).mean(axis=(1, 2)))
+    doc = palm_jax.pruning.__doc__
+    start = doc.index("    class Example(nn.Module):")
+    code = textwrap.dedent(doc[start:doc.index("\n\n", doc.index("return nn.Dense", start))])
+    scope = {"nn": nn, "np": np, "functools": functools}
+    exec(code, scope)  # noqa: S102 (our own docstring)
+    return scope["Example"]
 
 
 def test_the_docstring_example_prunes_per_consumer():
-    model, x = Example(), images(size=8)
+    model, x = docstring_example()(), images(size=8)
     variables = perturbed(init(model, x), np.random.default_rng(9), bias_sign=1.0)
     result = prune(model, variables, probe=x)
     assert_same_logits(result, model, variables, x)
