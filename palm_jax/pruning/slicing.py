@@ -8,8 +8,8 @@ Channels tied by the trace form one class. A class is removed when
   is constant once those scales are zero (it only reaches them through its BNs),
 - every gather edge out of it leads to a removed class (a stream channel stays while any BN that gathers
   it keeps it),
-- `min_channels` does not keep it: a conv output or a gathering BN left with fewer channels gets back its
-  largest-|scale| ones (a stream channel ranks by the largest scale it feeds).
+- `min_channels` does not keep it: a conv output or a gathering BN left with fewer channels (carriers not
+  counted) gets back its largest-|scale| ones (a stream channel ranks by the largest scale it feeds).
 """
 
 import numpy as np
@@ -44,7 +44,8 @@ def decide(graph, leaves, bns, layers, resizable, edges, clamp_axes, threshold: 
     `layers` are the traced conv/Dense layers (exits recorded with all BN scales zero), `resizable` the
     kernels whose output width may change, `edges` the class-level gather edges (sources, targets),
     `clamp_axes` node arrays that must keep min_channels (each resizable conv's output axis, each gathering
-    BN), `blocked` roots a walk found unfoldable, `kept` roots that stay whatever their scales (carriers).
+    BN), `blocked` roots a walk found unfoldable, `kept` roots that stay whatever their scales (carriers:
+    they do not count towards min_channels).
     """
     roots = graph.all_roots()
     n = len(roots)
@@ -70,14 +71,15 @@ def decide(graph, leaves, bns, layers, resizable, edges, clamp_axes, threshold: 
     rank = score.copy()
     np.maximum.at(rank, sources, score[targets])  # a stream channel ranks by the largest scale it feeds
     axes = [roots[nodes] for nodes in clamp_axes]
-    lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~removed[axis]))
+    carrier = kept if kept is not None else np.zeros(n, dtype=bool)  # a carrier is no channel of its own
+    lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~removed[axis] & ~carrier[axis]))
     clamped = [i for i, axis in enumerate(axes) if lacking(axis) > 0]
     feeds = {}
     for s, t in zip(sources.tolist(), targets.tolist(), strict=True):
         feeds.setdefault(s, []).append(t)
     for i in clamped:
         axis, need = axes[i], lacking(axes[i])
-        for root in sorted(set(axis[removed[axis]].tolist()), key=lambda r: -rank[r]):
+        for root in sorted(set(axis[removed[axis] & ~carrier[axis]].tolist()), key=lambda r: -rank[r]):
             if need <= 0:
                 break
             stack = [root]  # give back the class and what it feeds
