@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from palm_jax.pruning import engine, evaluate, flops, widths
+from palm_jax.pruning import engine, flops, widths
 from palm_jax.pruning import report as reporting
 
 COLLECTIONS = ("params", "batch_stats")
@@ -145,30 +145,16 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
         raise widths.protocol_error(
             model, f"the pruned model {type(model).__name__}({', '.join(f'{k}=...' for k in changes)}) does "
                    f"not take the sliced variables ({_first_line(err)})") from err
-    check = _check(analysed.closed, values, plan, pruned_closed, probe)
+    check = reporting.check(analysed.closed, values, plan, pruned_closed, probe)
     seconds["check"] = time.perf_counter() - clock
     if fold and exact and check["relative_deviation"] > tolerance:
-        raise ValueError(reporting.refusal(model, pruned, variables, plan, treedef, probe, check, tolerance))
-    new_variables = treedef.unflatten([jax.device_put(v) for v in plan.values])  # (no per-shape compile)
+        where = reporting.first_difference(model, pruned, treedef.unflatten(plan.reference),
+                                           treedef.unflatten(plan.values), plan, probe, tolerance)
+        raise ValueError(reporting.refusal(type(model).__name__, plan, check, tolerance, where))
     report = reporting.summary(
-        model, pruned, variables, new_variables, plan, analysed, probe, check,
-        flops_after=flops.count(pruned_closed, len(values), paths), percent=percent,
-        min_channels=int(min_channels), tolerance=float(tolerance), seconds=seconds,
+        plan, analysed.structure, [kernels[0] for kernels in analysed.controls], probe, check,
+        flops_before=analysed.flops, flops_after=flops.count(pruned_closed, len(values), paths),
+        percent=percent, min_channels=int(min_channels), tolerance=float(tolerance), seconds=seconds,
     )
+    new_variables = treedef.unflatten([jax.device_put(v) for v in plan.values])  # (no per-shape compile)
     return PruneResult(pruned, new_variables, report)
-
-
-def _check(closed, values, plan, pruned_closed, probe) -> dict:
-    """Logits of the sparse model (scales of removed channels at zero), of the given one and of the pruned
-    one on the probe, evaluated in float64."""
-    reference = evaluate.run(closed, [*plan.reference, probe])[0]
-    same = all(np.array_equal(a, b) for a, b in zip(plan.reference, values, strict=True))
-    given = reference if same else evaluate.run(closed, [*values, probe])[0]
-    pruned = evaluate.run(pruned_closed, [*plan.values, probe])[0]
-    deviation = float(np.max(np.abs(pruned - reference)))
-    return {
-        "max_abs_deviation": deviation,
-        "relative_deviation": deviation / max(float(np.max(np.abs(reference))), 1e-30),
-        "max_logit_deviation": float(np.max(np.abs(pruned - given))),
-        "images": int(probe.shape[0]),
-    }

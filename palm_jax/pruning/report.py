@@ -1,10 +1,12 @@
-"""The prune report (sizes, costs in both FLOP conventions, channels, folding, the exactness check) and the
-message that refuses a model the pruner cannot prune exactly."""
+"""The prune report (sizes, costs in both FLOP conventions, channels, folding), the exactness check and the
+message that refuses a model the pruner cannot prune exactly. Shared by every front end."""
 
 import functools
 
 import jax
 import numpy as np
+
+from palm_jax.pruning import evaluate
 
 FLOPS_CONVENTIONS = {
     "flops": "XLA's HLO cost analysis of one eval forward pass on one example: 2 per multiply-add, conv taps "
@@ -13,11 +15,6 @@ FLOPS_CONVENTIONS = {
                 "Dense tap, padding included, +1 per output with a bias, 2 per BN input element, 1 per "
                 "ReLU element, window size per pooled output",
 }
-
-
-def count_params(params) -> int:
-    """Number of scalars in the params leaves."""
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
 def forward_flops(model, variables, input_shape) -> float:
@@ -38,29 +35,48 @@ def forward_flops(model, variables, input_shape) -> float:
     return float(cost["flops"])
 
 
-def summary(model, pruned, variables, new_variables, plan, analysed, probe, check, *, flops_after, percent,
-            min_channels, tolerance, seconds) -> dict:
-    """The prune report (see palm_jax.pruning for every key)."""
-    names = {layer.kernel: layer.name for layer in analysed.structure.layers}
-    own = [kernels[0] for kernels in analysed.controls]
+def check(closed, values, plan, pruned_closed, probe) -> dict:
+    """Logits of the sparse model (`plan.reference`: scales of removed channels at zero), of the given one
+    (`values`) and of the pruned one on the probe, all evaluated in float64: their deviations."""
+    reference = evaluate.run(closed, [*plan.reference, probe])[0]
+    same = all(np.array_equal(a, b) for a, b in zip(plan.reference, values, strict=True))
+    given = reference if same else evaluate.run(closed, [*values, probe])[0]
+    pruned = evaluate.run(pruned_closed, [*plan.values, probe])[0]
+    deviation = float(np.max(np.abs(pruned - reference)))
+    return {
+        "max_abs_deviation": deviation,
+        "relative_deviation": deviation / max(float(np.max(np.abs(reference))), 1e-30),
+        "max_logit_deviation": float(np.max(np.abs(pruned - given))),
+        "images": int(probe.shape[0]),
+    }
+
+
+def summary(plan, structure, kernels, probe, check, *, flops_before, flops_after, percent, min_channels,
+            tolerance, seconds) -> dict:
+    """The prune report (see palm_jax.pruning for every key); `kernels` are the conv kernels (leaf indices)
+    reported per layer (for the width protocol: each widths entry's own conv)."""
+    names = {layer.kernel: layer for layer in structure.layers}
+    width = lambda k: int(structure.axes[k][names[k].out_axis].size)
+    params = lambda values: int(sum(np.size(v) for p, v in zip(structure.paths, values, strict=True)
+                                    if p[0] == "params"))
     bns = plan.bn_channels
     return {
-        "params_before": count_params(variables["params"]),
-        "params_after": count_params(new_variables["params"]),
-        "flops_before": analysed.flops["xla"],
+        "params_before": params(plan.reference),
+        "params_after": params(plan.values),
+        "flops_before": flops_before["xla"],
         "flops_after": flops_after["xla"],
-        "flops_ns_before": analysed.flops["papers"],
+        "flops_ns_before": flops_before["papers"],
         "flops_ns_after": flops_after["papers"],
         "flops_conventions": FLOPS_CONVENTIONS,
         "input_shape": list(probe.shape[1:]),
-        "channels_before": int(sum(model.widths)),
-        "channels_after": int(sum(pruned.widths)),
+        "channels_before": sum(width(k) for k in kernels),
+        "channels_after": sum(plan.widths[k] for k in kernels),
         "bn_channels_before": int(sum(b[1] for b in bns)),
         "bn_channels_after": int(sum(b[2] for b in bns)),
         "layers": [
-            {"layer": names[k], "before": int(before), "after": int(after), "clamped": k in plan.clamped,
-             "carriers": plan.carriers[k]}
-            for k, before, after in zip(own, model.widths, pruned.widths, strict=True)
+            {"layer": names[k].name, "before": width(k), "after": plan.widths[k],
+             "clamped": k in plan.clamped, "carriers": plan.carriers[k]}
+            for k in kernels
         ],
         "batchnorms": [
             {"bn": name, "before": before, "after": after, "carriers": carriers,
@@ -84,39 +100,36 @@ def summary(model, pruned, variables, new_variables, plan, analysed, probe, chec
     }
 
 
-def refusal(model, pruned, variables, plan, treedef, probe, check, tolerance) -> str:
-    """Why `prune` refuses: the deviation, the first BatchNorm whose kept outputs differ (or the fold's own
-    account), and the way out."""
+def refusal(name: str, plan, check, tolerance, where: str | None) -> str:
+    """Why `prune` refuses: the deviation, the fold's own account or the first BatchNorm whose kept outputs
+    differ (`where`), and the way out."""
     fold = plan.fold
     if fold["approximate"] or fold["unabsorbed"]:
         cause = (f"folding was approximate at {fold['approximate'][:3]} and left offsets unabsorbed at "
                  f"{[u['at'] for u in fold['unabsorbed']][:3]}")
     else:
-        where = _first_difference(model, pruned, treedef.unflatten(plan.reference),
-                                  treedef.unflatten(plan.values), plan, probe, tolerance)
         cause = (f"the first BatchNorm whose kept channels differ is {where}; the model likely uses its "
                  "widths beyond shapes (e.g. a scale computed from widths) or applies `selections` to "
                  "other BatchNorms than their forward order" if where else
                  "the outputs differ after the last BatchNorm; the model likely uses its widths beyond "
                  "shapes")
-    return (f"prune: the pruned {type(model).__name__} differs from the model with the removed scales at "
-            f"zero by {check['relative_deviation']:.2e} (relative logit deviation on the probe, tolerance="
+    return (f"prune: the pruned {name} differs from the model with the removed scales at zero by "
+            f"{check['relative_deviation']:.2e} (relative logit deviation on the probe, tolerance="
             f"{tolerance:g}): {cause}. Pass a larger tolerance= to accept it, or exact=False to accept the "
             "closest-constant fold")
 
 
-def _first_difference(model, pruned, reference, values, plan, probe, tolerance) -> str | None:
-    """The first BatchNorm (forward order) whose output on the kept channels differs between the models."""
-    keep = {name: None for name, *_ in plan.bn_channels}
-    flat = jax.tree_util.tree_flatten_with_path(values)[0]
+def first_difference(model, pruned, reference, values, plan, probe, tolerance) -> str | None:
+    """The first BatchNorm (forward order) whose output on the kept channels differs between two Linen
+    models (sparse `model` with `reference` variables, `pruned` with `values`)."""
     masks = {}
-    for (path, _), mask in zip(flat, plan.keep, strict=True):
+    for (path, _), mask in zip(jax.tree_util.tree_flatten_with_path(values)[0], plan.keep, strict=True):
         keys = tuple(str(getattr(p, "key", p)) for p in path)
         if keys[0] == "params" and keys[-1] == "scale":
             masks["/".join(keys[1:-1])] = mask[0]
     capture = functools.partial(_intermediates, probe=probe)
     before, after = capture(model, reference), capture(pruned, values)
-    for name in keep:
+    for name, *_ in plan.bn_channels:
         a, b = _find(before, name), _find(after, name)
         if a is None or b is None or name not in masks:
             continue
