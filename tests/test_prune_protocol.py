@@ -335,3 +335,12 @@ def test_flops_in_both_conventions():
     for key, m, v in [("before", user, variables), ("after", pruned.model, pruned.variables)]:
         assert pruned.report[f"flops_{key}"] == forward_flops(m, v, y.shape[1:])
     assert pruned.report["flops_ns_after"] < pruned.report["flops_ns_before"]
+
+
+def test_a_bfloat16_model_folds_in_exact_arithmetic():
+    model, x = DenseNet(depth=7, growth_rate=4, dtype=jnp.bfloat16), images(size=32)
+    variables = perturbed(init(model, x), np.random.default_rng(10), bias_sign=1.0)
+    result = prune(model, variables, probe=x)  # the check runs in float64, rounding aside
+    assert result.model.dtype == jnp.bfloat16 and result.report["fold"]["carriers"]
+    as_float32 = result._replace(model=result.model.clone(dtype=jnp.float32))
+    assert_same_logits(as_float32, model.clone(dtype=jnp.float32), variables, x)

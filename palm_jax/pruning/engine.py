@@ -1,20 +1,30 @@
 """The pruning engine, independent of how a model is rebuilt (Linen's width protocol, NNX's modules).
 
-    structure = analyse(paths, values, closed, gathering=lambda bn_name: True)
+    structure = analyse(paths, values, closed, gathering=lambda bn_name: True)   # once per model and shapes
     plan = structure.plan(values, resizable={kernel leaf indices}, threshold=0.0, min_channels=1)
     plan.values            # sliced (and folded) leaves, in the order of `paths`
-    plan.keep[i][axis]     # per leaf, per axis: which positions stay
-    plan.selections[name]  # per gathering BN: stream positions it reads (None: all kept, in order)
+    plan.keep[i][axis]     # per leaf, per axis: which positions stay (bool arrays)
+    plan.selections[name]  # per gathering BN (module path): the stream positions it reads, None: all kept
     plan.widths[kernel]    # per resizable conv / Dense kernel leaf: kept output channels
+    plan.reference         # unsliced values with the removed (and carrier) BN scales at zero: the sparse
+                           # model the pruned one must equal
 
 Inputs: the leaves (paths like ("params", "block", "conv", "kernel") and values, params and batch_stats
-together), the closed jaxpr of an eval-mode forward pass taking those leaves then the input batch
+together, any order), the closed jaxpr of an eval-mode forward pass taking those leaves then the input batch
 (`jax.make_jaxpr(lambda leaves, x: forward(leaves, x))(values, probe)`), which BatchNorms may gather their
-input (`gathering(bn module path) -> bool`; the others are tied to what they read) and, per plan, which
-conv / Dense kernels may change their output width (`resizable`). A BN is a module with params `scale`
-(and `bias`) and batch_stats `mean`, `var` of one size. `analyse` walks the jaxpr once (the channel graph;
-cache it per model and input shape), `plan` decides, folds and slices for given values and criterion.
-The front end rebuilds the module from `plan.widths` and `plan.selections` and checks it (`api.py`).
+input (`gathering(bn module path) -> bool`, the others are tied to what they read) and, per plan, which
+conv / Dense kernels may change their output width (`resizable`; the others keep theirs). A BN is a module
+with params `scale` (and `bias`) and batch_stats `mean`, `var` of one size; a conv is a
+`conv_general_dilated` whose kernel is a leaf (its `feature_group_count` is respected: a depthwise conv's
+channels go with its input's, a grouped conv's per group). `structure.layers` are the traced conv / Dense
+layers in forward order (name = module path, kernel leaf, in / out axis, groups, depthwise),
+`structure.bn_order()` the BN module paths in forward order.
+
+After the rebuild (the front end's job: `api.py` for Linen), trace the rebuilt module the same way and
+finish with the shared pieces: `report.check(closed, values, plan, pruned_closed, probe)` (float64 logits
+of both, no compilation), `flops.count(closed, len(values), paths)` (both FLOP conventions, per example),
+`report.summary(plan, structure, reported_kernels, probe, check, ...)` and `report.refusal(...)` when the
+relative deviation exceeds the tolerance.
 """
 
 import time

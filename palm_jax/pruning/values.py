@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from palm_jax.pruning.evaluate import NUMPY, window
+from palm_jax.pruning.evaluate import NUMPY, is_float, window
 
 PATTERN_KEEPING = frozenset(["neg", "convert_element_type", "copy", "copy_p", "reduce_precision"])
 
@@ -101,6 +101,12 @@ def same_pattern(a: np.ndarray | None, b: np.ndarray | None) -> bool:
         return False
 
 
+def _exact(dtype):
+    """Constants are folded in float64 whatever the compute dtype (bfloat16 rounding is the model's, not
+    the pruning's; the exactness check evaluates in float64 too)."""
+    return np.float64 if is_float(dtype) else dtype
+
+
 def elementwise_const(eqn, args: list[Val], aval):
     """(constant values, pattern) of an elementwise op's output: the op applied to its operands' constants
     where all are constant, and 0 where a product has a constant-0 factor (how a zero BN scale silences x).
@@ -116,7 +122,7 @@ def elementwise_const(eqn, args: list[Val], aval):
         mask = mask | zero
     if not np.any(mask):
         return np.full(shape, np.nan), None
-    inputs = [np.asarray(np.where(k, v, 1), dtype=var.aval.dtype)
+    inputs = [np.asarray(np.where(k, v, 1), dtype=_exact(var.aval.dtype))
               for v, k, var in zip(vecs, known, eqn.invars, strict=True)]
     with np.errstate(all="ignore"):
         if name in NUMPY:
@@ -124,7 +130,7 @@ def elementwise_const(eqn, args: list[Val], aval):
         elif name == "integer_pow":
             result = inputs[0] ** eqn.params["y"]
         elif name == "convert_element_type":
-            result = inputs[0].astype(eqn.params["new_dtype"])
+            result = inputs[0].astype(_exact(eqn.params["new_dtype"]))
         else:  # rarer ops: jax itself (one small compile per new shape)
             result = eqn.primitive.bind(*inputs, **eqn.params)
     result = np.asarray(result, dtype=np.float64)
