@@ -9,8 +9,9 @@
     plan.reference         # unsliced values with the removed (and carrier) BN scales at zero: the sparse
                            # model the pruned one must equal
 
-Inputs: the leaves (paths like ("params", "block", "conv", "kernel") and values, params and batch_stats
-together, any order), the closed jaxpr of an eval-mode forward pass taking those leaves then the input batch
+Inputs: the leaves (paths: the collection, "params" or "batch_stats", then the module path, then the leaf
+name, e.g. ("params", "block", "conv", "kernel"), ("batch_stats", "block", "bn", "mean"); values: NumPy
+arrays; any order), the closed jaxpr of an eval-mode forward pass taking those leaves then the input batch
 (`jax.make_jaxpr(lambda leaves, x: forward(leaves, x))(values, probe)`), which BatchNorms may gather their
 input (`gathering(bn module path) -> bool`, the others are tied to what they read) and, per plan, which
 conv / Dense kernels may change their output width (`resizable`; the others keep theirs). A BN is a module
