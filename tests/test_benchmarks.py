@@ -17,7 +17,7 @@ COMMANDS = {
              "--num-images", "64", *TINY],
     "epoch": ["epoch_time.py", "--num-images", "128", "--eval-images", "32", "--batch-size", "32",
               "--epochs", "2", "--repeats", "2", *TINY],
-    "prune": ["prune_time.py", "--models", "vgg19"],
+    "prune": ["prune_time.py", "--models", "vgg19", "--repeats", "1"],
     "inference": ["inference_time.py", "--quick"],
 }
 
@@ -122,14 +122,13 @@ def _script_module(name):
 
 def test_prune_time_exact_fold_keeps_the_logits(runs):
     result, stdout = runs["prune"]
-    rows = {row["fold"]: row for row in result["rows"]}
-    assert set(rows) == {"exact", "closest"} and all(row["model"] == "vgg19" for row in rows.values())
-    exact, closest = rows["exact"], rows["closest"]
-    assert exact["max_logit_deviation"] < 1e-5 < closest["max_logit_deviation"]
-    assert closest["carrier_channels"] == 0 < exact["carrier_channels"]
-    assert exact["channels_after"] == closest["channels_after"] + exact["carrier_channels"]
-    assert exact["channels_after"] < exact["channels_before"] == 5504
-    assert _last_table(stdout)[-1][:2] == ["vgg19", "closest"]
+    (row,) = result["rows"]
+    assert row["model"] == "vgg19" and row["deviation"] < 1e-5 < row["closest_deviation"]
+    before, exact, closest = row["bn_channels"]
+    assert exact == closest + row["carrier_channels"] and row["carrier_channels"] > 0
+    assert exact < before == 5504
+    assert set(row["warm_split"]) == {"trace", "decide", "fold", "slice", "check"}
+    assert row["warm_seconds"] > 0 and _last_table(stdout)[-1][0] == "vgg19"
 
 
 def test_inference_time_rows_for_both_prunes_dtypes_and_batches(runs):

@@ -306,3 +306,28 @@ def test_bfloat16_compute_keeps_float32_params():
     assert logits.dtype == jnp.float32
     reference = apply_fn(model.clone(dtype=jnp.float32))(variables, images(2))
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()) + 1e-3)
+
+
+# ---- selections (the BN input gathers of a pruned PreResNet / DenseNet)
+
+
+@pytest.mark.parametrize("model", SMALL[1:], ids=SMALL_IDS[1:])
+def test_selections_gather_each_bn_input(model):
+    variables = random_variables(model)
+    n_bns = sum(isinstance(m, nn.BatchNorm) for _, m in trace_layers(model)[1])
+    # bn_final reads the last stream: DenseNet's last concatenation, PreResNet's residual stream
+    width = model.widths[-3] + 2 * model.growth_rate if isinstance(model, DenseNet) else model.widths[-1]
+    identity = model.clone(selections=(None,) * (n_bns - 1) + (tuple(range(width)),))
+    np.testing.assert_allclose(apply_fn(identity)(variables, images(2)),
+                               apply_fn(model)(variables, images(2)), rtol=1e-6, atol=1e-6)
+    picked = model.clone(selections=(None,) * (n_bns - 1) + ((width - 1, 0, 2),))
+    shapes = jax.eval_shape(lambda: picked.init(jax.random.PRNGKey(0), images(1), train=False))
+    assert shapes["params"]["bn_final"]["scale"].shape == (3,)
+    assert shapes["params"]["fc"]["kernel"].shape == (3, 10)
+    with pytest.raises(ValueError, match="selections"):
+        model.clone(selections=(None,) * (n_bns - 2))
+    with pytest.raises(ValueError, match="selections"):
+        model.clone(selections=(None,) * (n_bns - 1) + ((-1,),))
+    with pytest.raises(ValueError, match="selections"):
+        too_far = model.clone(selections=(None,) * (n_bns - 1) + ((width,),))
+        jax.eval_shape(lambda: too_far.init(jax.random.PRNGKey(0), images(1), train=False))

@@ -190,8 +190,9 @@ def test_architectures_prune_to_the_same_logits(name):
     close = prune(model, positive, probe=x, exact=False)
     raw = prune(model, positive, probe=x, fold=False)
     assert close.model.widths == result.model.widths
-    # a carrier is a removed channel kept, unless a kept input was constant already
-    assert sum(folded.model.widths) - sum(close.model.widths) == folded.report["fold"]["carrier_channels"]
+    # a carrier is a removed BN channel kept (scale 0), unless a kept input was constant already
+    carriers = folded.report["fold"]["carrier_channels"]
+    assert folded.report["bn_channels_after"] - close.report["bn_channels_after"] == carriers
     assert close.report["max_logit_deviation"] < raw.report["max_logit_deviation"] / 2
     assert close.report["fold"]["absorbed"] and close.report["fold"]["unabsorbed"] == []
 
@@ -385,3 +386,17 @@ def test_models_outside_the_width_protocol_are_refused():
     short = TwoConvs(widths=(4,), order=(0, 0))
     with pytest.raises(ValueError, match="1 entries but the forward pass applies 2 convs"):
         prune(short, init(short, x), probe=x)
+
+
+def test_a_carrier_that_changes_no_kernel_is_counted_but_not_listed():
+    model, x = UserNet(kernel=3), images()
+    variables = perturbed(init(model, x), np.random.default_rng(9), zero=0.0, bias_sign=1.0)
+    variables = with_zeros(variables, {"bn_a": [0], "bn_s": [0], "bn_u": [0]})  # one residual channel
+    result = prune(model, variables, probe=x)
+    # its constant would be read through conv1's and conv3's zero padding: it stays as their carrier, the
+    # only removed channel they read, so no kernel changes and no channel is removed
+    assert result.model.widths == model.widths
+    assert result.report["fold"]["carrier_channels"] == 1 and result.report["fold"]["carriers"] == []
+    assert result.report["kept_meeting_criterion"] == 0  # carriers are counted apart
+    np.testing.assert_allclose(logits(result.model, result.variables, x), logits(model, variables, x),
+                               atol=1e-5, rtol=0)

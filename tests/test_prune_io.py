@@ -1,4 +1,5 @@
-"""save_pruned / load_pruned: a round trip in a fresh process, and one-line errors for bad directories."""
+"""save_pruned / load_pruned: a round trip in a fresh process (a model whose BNs gather), and one-line errors
+for bad directories."""
 
 import json
 import os
@@ -27,7 +28,8 @@ FRESH_PROCESS = textwrap.dedent(
     forward = jax.jit(lambda v, x: result.model.apply(v, x, train=False))
     out = forward(result.variables, np.load(sys.argv[2]))
     np.save(sys.argv[3], np.asarray(out))
-    print(json.dumps({"widths": result.model.widths, "report": result.report}))
+    print(json.dumps({"widths": result.model.widths, "selections": result.model.selections,
+                      "report": result.report}))
     """
 )
 
@@ -53,6 +55,9 @@ def test_round_trip_in_a_fresh_process(saved, tmp_path):
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert tuple(loaded["widths"]) == result.model.widths
+    assert result.model.selections is not None  # a gathering model (its BNs read parts of the stream)
+    as_tuples = lambda selections: tuple(None if s is None else tuple(s) for s in selections)
+    assert as_tuples(loaded["selections"]) == result.model.selections
     assert loaded["report"]["params_after"] == result.report["params_after"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), logits(result.model, result.variables, x),
                                atol=1e-5, rtol=0)

@@ -4,22 +4,21 @@ All take `__call__(x, train: bool)`; `train=True` uses batch statistics and upda
 `mutable=["batch_stats"]`), `train=False` uses the running averages. `dtype` is the compute dtype (e.g.
 jnp.bfloat16); parameters are float32 and logits are returned as float32.
 
-Width protocol (what `palm_jax.prune` relies on; follow it to make your own CNN prunable):
+All follow the width protocol of `palm_jax.pruning` (described there once), so `palm_jax.prune` rebuilds
+them with `model.clone(widths=..., selections=...)`:
 
-- The module has one attribute `widths: tuple[int, ...] | None = None` holding the output channel count of
-  EVERY conv layer, in the order the convs are created (= forward order; the params dict itself is sorted
-  by name, as every pytree dict is):
+- `widths: tuple[int, ...] | None = None`, the output channel count of every conv in creation (= forward)
+  order, resolved in `__post_init__` from depth (and growth_rate):
     VGG:       conv0 ... conv{k-1} (16 for VGG-19).
     PreResNet: the stem conv, then for each block conv1, conv2, conv3 and, in the first block of each
-               stage, the downsample conv (9n + 4 entries for depth 9n + 2).
+               stage, the downsample conv (9n + 4 entries for depth 9n + 2). Every conv3 of a stage and
+               that stage's downsample conv are added together and must share one width (checked).
     DenseNet:  the stem conv, each dense layer's conv, each transition's conv (3n + 3 for depth 3n + 4).
-- `widths=None` is resolved in `__post_init__` from depth (and growth_rate), so `model.widths` always holds
-  the concrete tuple. Wrong length, non-integers or non-positive entries raise ValueError naming `widths`.
-- Each conv reads its output width only from `self.widths[i]`; every input width follows from the data, and
-  no other channel count is hard-coded. Which layers exist (pools, downsample convs, block counts) depends
-  only on depth, never on widths. So a pruned model is `model.clone(widths=smaller_widths)`.
-- Tensors added by a residual connection must have equal widths: in PreResNet, every conv3 of a stage and that
-  stage's downsample conv share one width (checked at construction). Concatenations impose no constraint.
+  Wrong length, non-integers or non-positive entries raise ValueError naming `widths`.
+- PreResNet and DenseNet also have `selections: tuple | None = None`, one entry per BatchNorm in forward
+  order (PreResNet: each block's bn1, bn2, bn3, then bn_final; DenseNet: each dense layer's and
+  transition's bn, then bn_final): the input channels that BN reads (None: all), as NS's channel_selection
+  layers. VGG's BNs read their own conv's output only and need none.
 
 Layer names are deterministic and follow creation order (e.g. VGG: conv0, bn0, conv1, ...; PreResNet:
 conv0, stage1_block0/{bn1, conv1, ..., downsample}, ..., bn_final, fc).

@@ -5,23 +5,24 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_widths
+from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_selections, set_widths
 
 NUM_BLOCKS = 3
 
 
 class PreActConv(nn.Module):
-    """BN -> ReLU -> conv (params `bn`, `conv`): a dense layer (3x3) or a transition (1x1)."""
+    """BN -> ReLU -> conv (params `bn`, `conv`): a dense layer (3x3) or a transition (1x1); the BN reads
+    the input channels `selection` (None: all)."""
 
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
+    selection: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return bn_relu_conv(
-            x, train, self.features, self.kernel_size, bn_name="bn", conv_name="conv", dtype=self.dtype
-        )
+        return bn_relu_conv(x, train, self.features, self.kernel_size, bn_name="bn", conv_name="conv",
+                            dtype=self.dtype, selection=self.selection)
 
 
 def _layers_per_block(depth: int) -> int:
@@ -46,7 +47,10 @@ class DenseNet(nn.Module):
     outputs are concatenated to their inputs (depth 3n + 4), BN-ReLU-conv1x1-avgpool2 transitions, BN-ReLU,
     8x8 avg pool, Dense.
 
-    widths: stem, each dense layer's conv, each transition's conv, in forward order. Expects 32x32 inputs.
+    widths: stem, each dense layer's conv, each transition's conv, in forward order. selections: None, or
+    per BN in forward order (each dense layer's and transition's, then bn_final) the channels of the
+    concatenation it reads (None: all), as NS's channel_selection layers; `palm_jax.prune` sets them.
+    Expects 32x32 inputs.
     """
 
     depth: int = 40
@@ -54,28 +58,31 @@ class DenseNet(nn.Module):
     num_classes: int = 10
     widths: tuple[int, ...] | None = None
     dtype: Any = jnp.float32
+    selections: tuple | None = None
 
     def __post_init__(self):
         if self.growth_rate <= 0:
             raise ValueError(f"DenseNet: growth_rate must be positive, got {self.growth_rate}")
         set_widths(self, _default_widths(self.depth, self.growth_rate))
+        set_selections(self, len(self.widths))  # one BN per conv but the stem, plus bn_final
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool):
         n = _layers_per_block(self.depth)
+        selections = self.selections or (None,) * len(self.widths)
         x = conv(self.widths[0], 3, name="conv0", dtype=self.dtype)(x)
-        i = 1
+        i = 1  # widths[i] is the conv after BN selections[i - 1]
         for block in range(NUM_BLOCKS):
             for layer in range(n):
-                out = PreActConv(self.widths[i], 3, self.dtype, name=f"block{block + 1}_layer{layer}")(
-                    x, train
-                )
+                out = PreActConv(self.widths[i], 3, self.dtype, selections[i - 1],
+                                 name=f"block{block + 1}_layer{layer}")(x, train)
                 x = jnp.concatenate([x, out], axis=-1)
                 i += 1
             if block < NUM_BLOCKS - 1:
-                x = PreActConv(self.widths[i], 1, self.dtype, name=f"transition{block + 1}")(x, train)
+                x = PreActConv(self.widths[i], 1, self.dtype, selections[i - 1],
+                               name=f"transition{block + 1}")(x, train)
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
                 i += 1
-        x = bn_relu(x, train, name="bn_final", dtype=self.dtype)
+        x = bn_relu(x, train, name="bn_final", dtype=self.dtype, selection=selections[i - 1])
         return classify(x, self.num_classes, pool=8, dtype=self.dtype)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 bn_scale_init = nn.initializers.constant(0.5)
@@ -66,9 +67,19 @@ def dense(features: int, *, name: str, dtype=jnp.float32) -> nn.Dense:
     )
 
 
-def bn_relu(x, train: bool, *, name: str, dtype=jnp.float32):
-    """Pre-activation: BatchNorm then ReLU."""
-    return nn.relu(batch_norm(train, name=name, dtype=dtype)(x))
+def select(x, indices: tuple[int, ...] | None):
+    """The channels `indices` of x, in that order (a BatchNorm's input selection); None: x itself."""
+    if indices is None:
+        return x
+    if not indices or max(indices) >= x.shape[-1]:
+        raise ValueError(f"selections: indices {indices[:8]}... do not select from the {x.shape[-1]} input "
+                         "channels; pass the selections prune gave this model")
+    return x[..., np.asarray(indices)]
+
+
+def bn_relu(x, train: bool, *, name: str, dtype=jnp.float32, selection=None):
+    """Pre-activation: BatchNorm (of the `selection` of x's channels) then ReLU."""
+    return nn.relu(batch_norm(train, name=name, dtype=dtype)(select(x, selection)))
 
 
 def classify(x, num_classes: int, *, pool: int, dtype=jnp.float32):
@@ -101,6 +112,25 @@ def set_widths(module: nn.Module, default: Sequence[int]) -> None:
     object.__setattr__(module, "widths", widths)
 
 
+def set_selections(module: nn.Module, count: int) -> None:
+    """Resolve `module.selections`: None, or one entry per BatchNorm (`count`, forward order), each None
+    (the BN reads its input as is) or a non-empty tuple of input channel indices. Call like `set_widths`."""
+    selections, name = module.selections, type(module).__name__
+    if selections is None:
+        return
+    try:
+        selections = tuple(None if s is None else tuple(operator.index(i) for i in s) for s in selections)
+    except TypeError as err:
+        raise ValueError(f"{name}: selections must hold None or tuples of ints, got {selections!r}") from err
+    if len(selections) != count:
+        raise ValueError(f"{name}: selections has {len(selections)} entries but this architecture has "
+                         f"{count} BatchNorms; pass one entry (None or input channel indices) per BN in "
+                         "forward order")
+    if any(s is not None and (not s or min(s) < 0) for s in selections):
+        raise ValueError(f"{name}: every entry of selections must be None or non-empty non-negative indices")
+    object.__setattr__(module, "selections", selections)
+
+
 def bn_relu_conv(
     x,
     train: bool,
@@ -111,7 +141,8 @@ def bn_relu_conv(
     bn_name: str,
     conv_name: str,
     dtype=jnp.float32,
+    selection=None,
 ):
-    """Pre-activation unit of PreResNet and DenseNet: BN -> ReLU -> conv (no bias)."""
-    x = bn_relu(x, train, name=bn_name, dtype=dtype)
+    """Pre-activation unit of PreResNet and DenseNet: BN (of the `selection` of x) -> ReLU -> conv."""
+    x = bn_relu(x, train, name=bn_name, dtype=dtype, selection=selection)
     return conv(features, kernel_size, stride=stride, name=conv_name, dtype=dtype)(x)

@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_widths
+from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_selections, set_widths
 
 STAGE_PLANES = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
@@ -17,19 +17,22 @@ class Bottleneck(nn.Module):
     """bn1-relu-conv1x1, bn2-relu-conv3x3(stride), bn3-relu-conv1x1, plus the input x or `downsample(x)`.
 
     `widths` is this block's slice of the parent's widths: (conv1, conv2, conv3) or, with a downsample conv
-    (a strided 1x1 conv on x, no BN, as in NS), (conv1, conv2, conv3, downsample).
+    (a strided 1x1 conv on x, no BN, as in NS), (conv1, conv2, conv3, downsample); `selections` its slice of
+    the parent's selections: (bn1, bn2, bn3), the input channels each BN reads (None: all).
     """
 
     widths: tuple[int, ...]
     stride: int = 1
     dtype: Any = jnp.float32
+    selections: tuple = (None, None, None)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        w, d = self.widths, self.dtype
-        out = bn_relu_conv(x, train, w[0], 1, bn_name="bn1", conv_name="conv1", dtype=d)
-        out = bn_relu_conv(out, train, w[1], 3, stride=self.stride, bn_name="bn2", conv_name="conv2", dtype=d)
-        out = bn_relu_conv(out, train, w[2], 1, bn_name="bn3", conv_name="conv3", dtype=d)
+        w, d, s = self.widths, self.dtype, self.selections
+        out = bn_relu_conv(x, train, w[0], 1, bn_name="bn1", conv_name="conv1", dtype=d, selection=s[0])
+        out = bn_relu_conv(out, train, w[1], 3, stride=self.stride, bn_name="bn2", conv_name="conv2", dtype=d,
+                           selection=s[1])
+        out = bn_relu_conv(out, train, w[2], 1, bn_name="bn3", conv_name="conv3", dtype=d, selection=s[2])
         if len(self.widths) == 4:
             x = conv(self.widths[3], 1, stride=self.stride, name="downsample", dtype=self.dtype)(x)
         return out + x
@@ -55,6 +58,8 @@ class PreResNet(nn.Module):
 
     widths: stem, then per block conv1, conv2, conv3 and, in each stage's first block, the downsample conv.
     Within a stage, every conv3 and the downsample conv are added together and must share one width.
+    selections: None, or per BN in forward order (each block's bn1, bn2, bn3, then bn_final) the residual
+    stream channels it reads (None: all), as NS's channel_selection layers; `palm_jax.prune` sets them.
     Expects 32x32 inputs (CIFAR), NHWC.
     """
 
@@ -62,9 +67,11 @@ class PreResNet(nn.Module):
     num_classes: int = 10
     widths: tuple[int, ...] | None = None
     dtype: Any = jnp.float32
+    selections: tuple | None = None
 
     def __post_init__(self):
         set_widths(self, _default_widths(self.depth))
+        set_selections(self, 3 * 3 * _num_blocks(self.depth) + 1)
         for s, block_widths in enumerate(self._block_widths()):
             residual = {w[2] for w in block_widths} | {block_widths[0][3]}
             if len(residual) > 1:
@@ -88,11 +95,15 @@ class PreResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        selections = self.selections or (None,) * (3 * 3 * _num_blocks(self.depth) + 1)
         x = conv(self.widths[0], 3, name="conv0", dtype=self.dtype)(x)
+        k = 0
         for s, (blocks, stride) in enumerate(zip(self._block_widths(), STAGE_STRIDES, strict=True)):
             for b, block_widths in enumerate(blocks):
                 x = Bottleneck(
-                    block_widths, stride if b == 0 else 1, self.dtype, name=f"stage{s + 1}_block{b}"
+                    block_widths, stride if b == 0 else 1, self.dtype, selections[k : k + 3],
+                    name=f"stage{s + 1}_block{b}",
                 )(x, train)
-        x = bn_relu(x, train, name="bn_final", dtype=self.dtype)
+                k += 3
+        x = bn_relu(x, train, name="bn_final", dtype=self.dtype, selection=selections[k])
         return classify(x, self.num_classes, pool=8, dtype=self.dtype)

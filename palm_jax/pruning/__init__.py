@@ -5,48 +5,94 @@
     palm_jax.save_pruned("runs/pruned", result); palm_jax.load_pruned("runs/pruned")
 
 How channels are coupled comes from the traced computation (the jaxpr of `model.apply(variables, x,
-train=False)`), never from per-architecture rules: `trace.py` walks it, `slicing.py` decides and slices,
-`widths.py` maps the result back to the model's widths, `report.py` measures, `io.py` saves and loads.
+train=False)`), never from per-architecture rules. The model is traced once per (model, variable shapes,
+probe shape) and the analysis cached, so pruning the same model again (other thresholds, other scales)
+only decides, folds, slices and checks.
 
-The width protocol (what a model of your own needs to be prunable):
+The width protocol (what a Linen model of your own needs to be prunable):
 - an attribute `widths: tuple[int, ...]` with the output width of every conv, in the order the convs are
   first applied in the forward pass (creation order for `nn.compact` modules), concrete after construction
   (resolve a `None` default in `__post_init__`);
 - every conv reads its output width only from its entry; input widths follow from the data; which layers
-  exist does not depend on widths; a pruned model is `model.clone(widths=new_widths)`;
-- `__call__(x, train: bool)`, BatchNorm as `nn.BatchNorm` (params `scale`, `bias`, batch_stats `mean`, `var`).
-Convs, BatchNorm, Dense, ReLU-like activations, residual adds, concatenations on the channel axis, max / avg
-pools, spatial means and flattens are followed; anything else that touches a channel keeps it. The entries are
-matched to convs by `jax.eval_shape` of `model.clone(widths=...).init` with each tie group widened by its own
-amount, and the sliced variables are checked against the pruned model's init shapes (ValueError otherwise).
+  exist does not depend on widths; a pruned model is `model.clone(widths=new_widths)`. A depthwise conv
+  (`feature_group_count` equal to its input channels) sets its group count from its input
+  (`feature_group_count=x.shape[-1]`) and is listed in widths like any conv; a grouped conv keeps its
+  group count (its channels go per-group equally);
+- optionally `selections: tuple | None = None`, one entry per nn.BatchNorm in forward order: None (the BN
+  reads its input as is) or a tuple of input channel indices (it reads `x[..., indices]`, what Network
+  Slimming's channel_selection layer does). With it, a BN that reads a stream shared by others (a residual
+  stream, a concatenation) drops its own zero-scale channels and the stream keeps what its other readers
+  need; `prune` sets it (an entry only where a BN reads something else than all kept stream channels in
+  order). Without it, the BNs reading one stream are tied: a stream channel goes only where all are zero;
+- `__call__(x, train: bool)`, BatchNorm as `nn.BatchNorm` (params `scale`, `bias`, batch_stats `mean`,
+  `var`). Convs (also depthwise / grouped), BatchNorm, Dense, ReLU-like activations, residual adds,
+  concatenations on the channel axis, max / average pools (zero-padded too), spatial means, flattens and
+  channel gathers are followed; anything else that touches a channel keeps it.
+For example (`tests/test_prune_protocol.py::Example` prunes it), a residual stream read by two BNs:
 
-The removal rule: channels tied by the trace form one class: a conv's outputs with every BN that reads them,
-the operands of a residual add, each input of a concatenation with the matching positions of every BN that
-reads the concatenation. A class is removed when every BN scale attached to it meets the criterion
-(|scale| <= threshold: exactly 0 by default; `percent=p`: NS's global threshold, the sorted |scales| of all
-BNs at index floor(n p / 100)), when every conv / Dense reading it reads it only through those BNs, and when
-`min_channels` does not keep it (a conv left with fewer channels gets back its largest-|scale| ones; no conv
-is emptied). So a residual width is pruned only where every BN reading it is zero, and a conv -> BN channel
-freely.
+    class Example(nn.Module):
+        widths: tuple[int, ...] = (16, 8, 16)
+        selections: tuple | None = None
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            sel = self.selections or (None, None, None)
+            pick = lambda v, s: v if s is None else v[..., np.asarray(s)]
+            bn = functools.partial(nn.BatchNorm, use_running_average=not train)
+            a = nn.Conv(self.widths[0], (3, 3))(x)
+            h = nn.relu(bn()(pick(a, sel[0])))
+            h = nn.relu(bn()(pick(nn.Conv(self.widths[1], (3, 3))(h), sel[1])))
+            r = a + nn.Conv(self.widths[2], (1, 1))(h)  # widths[0] and widths[2] are added: tied
+            return nn.Dense(10)(nn.relu(bn()(pick(r, sel[2]))).mean(axis=(1, 2)))
+
+The entries are matched to convs by `jax.eval_shape` of `model.clone(widths=...).init` with each tie group
+widened by its own amount. The pruned model is then traced on the probe (Flax checks every parameter's
+shape) and compared with the sparse one: a model breaking the protocol (e.g. scaling by 1 / sqrt(width))
+raises ValueError naming the first BatchNorm whose kept outputs differ.
+
+The removal rule: channels tied by the trace form one class (a conv's outputs with the BNs tied to them,
+the operands of a residual add, each input of a concatenation with the matching positions of tied BNs).
+A BN that gathers has its own class per channel, joined to the stream channel it reads by a gather edge.
+A class is removed when every BN scale in it meets the criterion (|scale| <= threshold: exactly 0 by
+default; `percent=p`: NS's global threshold, the sorted |scales| of all BNs at index floor(n p / 100)),
+when a resizable conv or a gather produces it, every conv / Dense reading it reads it only through zero
+scales, every gather edge out of it leads to a removed class, and `min_channels` does not keep it (a conv
+or gather left with fewer channels gets back its largest-|scale| ones; none is emptied).
 
 Folding: a removed channel with scale 0 still emits relu(bias). That constant times the consuming kernel's
-taps is added to the first bias or BN running mean downstream (through later linear ops if need be), which is
-exact where no zero padding breaks its constancy. Where it does (a 3x3 conv reads a constant as
-"value inside, 0 in the padding"), the conv gets a carrier (`exact=True`, the default): an input channel that
-is itself a constant c (a scale-0 channel that stays anyway, or else the removed channel with the largest
-|constant|, kept with its scale at 0) whose kernel slice gains sum_p value_p * kernel[.., p, ..] / c over the
-removed inputs p; padded exactly like them, it brings exactly what they brought, so the pruned model computes
-what the model with those scales at zero computes (float rounding aside). `exact=False` folds the closest
-per-channel constant there instead (taps weighted by how often they read the input): no extra channel,
-approximate. `report["fold"]` lists the convs with carriers, the extra channels they cost
-(`carrier_channels`), the layers where folding is approximate and any offset that found nothing to absorb
-it; `report["max_logit_deviation"]` measures the result on the probe batch.
+taps is added to the first bias or BN running mean downstream, which is exact where the constant stays
+uniform over the image. Where it does not (zero padding next to the conv; a zero-padded average pool with
+count_include_pad, which turns it into the pool's coverage pattern; a nonlinearity or an output the offset
+would reach), the conv concerned gets a carrier (`exact=True`, the default): one input channel that is
+itself constant (a scale-0 channel kept anyway, or else a removed one kept with its scale at 0) whose
+kernel slice takes over what the removed constants brought; padded and pooled exactly as they were, it
+brings exactly what they brought. A depthwise conv passes its input's constants to its own (removed)
+outputs; a padded grouped conv cannot carry, so the channels it reads that way are kept. `exact=False`
+folds the closest per-channel constant instead (no extra channel, approximate).
 
-The report: params_before / params_after (scalars in the params leaves), flops_before / flops_after (XLA's
-cost analysis of one eval forward pass on one example), input_shape, channels_before / channels_after (sums
-of widths), layers ([{layer, before, after, clamped, carriers}] per widths entry), kept_meeting_criterion
-(conv output channels that meet the criterion but stay, carriers included), threshold, percent,
-min_channels, fold, max_logit_deviation.
+The check: the pruned and the sparse model (scales of removed channels and carriers at zero) run on the
+probe in float64 NumPy (`evaluate.py`: no compilation, no float32 rounding); with fold and exact, a relative
+logit deviation max|pruned - sparse| / max|sparse| above `tolerance` (default 1e-5) raises ValueError.
+
+The report: params_before / params_after (scalars in the params leaves); flops_before / flops_after (XLA's
+convention: its HLO cost analysis of one eval forward on one example, equal to `report.forward_flops`,
+padding taps skipped, every elementwise op counted) and flops_ns_before / flops_ns_after (the papers'
+convention, NS's compute_flops: 2 per multiply-add of every conv / Dense tap, padding included, 2 per BN
+element, 1 per ReLU element, the window per pooled output; VGG-19 on 32x32 is 7.97e8), both counted from
+the jaxprs (`flops.py`), described in flops_conventions; input_shape; channels_before / channels_after
+(sums of widths); bn_channels_before / bn_channels_after; layers ([{layer, before, after, clamped,
+carriers}] per widths entry); batchnorms ([{bn, before, after, carriers, selects}] in forward order);
+kept_meeting_criterion (conv output channels whose scales meet the criterion but stay, carriers not
+included: they are in fold.carrier_channels); threshold, percent, min_channels; fold ({enabled, absorbed,
+approximate, carriers: the convs whose kernel a carrier changed, carrier_channels, unabsorbed, blocked});
+max_logit_deviation (from the model as given, float64); check ({relative_deviation, max_abs_deviation,
+tolerance, reference, images}); seconds ({trace, decide, fold, slice, check}).
+
+The engine (`engine.py`) is independent of the rebuild: its input is the leaves (paths, values), the closed
+jaxpr of an eval-mode forward over (leaves, input), which BNs may gather and which conv / Dense kernels may
+change width; its output is per-leaf per-axis keep masks, the sliced and folded values, per-BN gather
+indices and the report's parts. This package rebuilds Linen modules (`api.py`, `widths.py`); `trace.py` and
+`shapes.py` walk the jaxpr, `slicing.py` decides and slices, `flops.py` counts, `io.py` saves and loads.
 """
 
 from palm_jax.pruning.api import PruneResult, prune

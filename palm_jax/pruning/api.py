@@ -1,20 +1,20 @@
-"""`prune`: trace, decide, fold, slice, rebuild, check and report."""
+"""`prune` for Linen modules: trace (cached), plan (engine), rebuild by the width protocol, check, report."""
 
-import functools
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from palm_jax.pruning import engine, flops, widths
 from palm_jax.pruning import report as reporting
-from palm_jax.pruning import slicing, widths
-from palm_jax.pruning.graph import ChannelGraph, Leaf
-from palm_jax.pruning.trace import Walker
 
 COLLECTIONS = ("params", "batch_stats")
-MAX_WALKS = 8
+TOLERANCE = 1e-5  # default largest relative logit deviation of the pruned model from the sparse one
+CACHE_SIZE = 4
+_CACHE: OrderedDict = OrderedDict()
 
 
 class PruneResult(NamedTuple):
@@ -25,7 +25,16 @@ class PruneResult(NamedTuple):
     report: dict
 
 
-def _check_arguments(threshold, percent, min_channels) -> None:
+class Analysed(NamedTuple):
+    """What one model and input shape give, whatever the values: cached between `prune` calls."""
+
+    closed: Any
+    structure: engine.Structure
+    controls: list
+    flops: dict
+
+
+def _check_arguments(threshold, percent, min_channels, tolerance) -> None:
     if percent is not None and not 0 <= percent < 100:
         raise ValueError(f"prune: percent must be in [0, 100), got {percent}")
     if percent is not None and threshold != 0.0:
@@ -34,41 +43,62 @@ def _check_arguments(threshold, percent, min_channels) -> None:
         raise ValueError(f"prune: threshold must be >= 0 (|scale| <= threshold is removed), got {threshold}")
     if min_channels < 1 or int(min_channels) != min_channels:
         raise ValueError(f"prune: min_channels must be an int >= 1 (no layer is emptied), got {min_channels}")
+    if not tolerance >= 0:
+        raise ValueError(f"prune: tolerance must be >= 0 (a relative logit deviation), got {tolerance}")
 
 
-def _flatten(model, variables, probe):
+def _flatten(variables):
     if not isinstance(variables, Mapping) or any(k not in variables for k in COLLECTIONS):
         raise ValueError(
             "prune: variables must hold 'params' and 'batch_stats' (as returned by model.init, with the "
             "trained params, e.g. {'params': sparse_scales(params, opt_state), 'batch_stats': batch_stats})"
         )
-    flat = jax.tree_util.tree_flatten_with_path({k: variables[k] for k in COLLECTIONS})
-    paths = [tuple(str(getattr(p, "key", p)) for p in path) for path, _ in flat[0]]
-    values = [np.asarray(v) for _, v in flat[0]]
+    flat, treedef = jax.tree_util.tree_flatten_with_path({k: variables[k] for k in COLLECTIONS})
+    paths = [tuple(str(getattr(p, "key", p)) for p in path) for path, _ in flat]
+    return paths, [np.asarray(v) for _, v in flat], treedef
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def trace(model, treedef, values, probe):
+    """The closed jaxpr of `model.apply(variables, probe, train=False)` over (leaves, probe)."""
+    return jax.make_jaxpr(lambda leaves, x: model.apply(treedef.unflatten(leaves), x, train=False))(
+        values, probe)
+
+
+def _analyse(model, paths, values, treedef, probe) -> Analysed:
     try:
-        shapes = widths.abstract_shapes(model, probe, paths)
-    except widths.LeafMismatch:
-        raise
+        key = (model, treedef, tuple((v.shape, v.dtype.str) for v in values), probe.shape, probe.dtype.str)
+        hash(key)
+    except TypeError:  # an unhashable module attribute: no caching
+        key = None
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    try:
+        closed = trace(model, treedef, values, probe)
     except Exception as err:
         raise ValueError(
-            f"prune: {type(model).__name__}.init fails on the probe batch of shape {probe.shape} "
-            f"({type(err).__name__}); pass probe= a batch of inputs the model accepts"
+            f"prune: {type(model).__name__}.apply(variables, probe, train=False) fails on the probe batch of "
+            f"shape {tuple(probe.shape)} ({_first_line(err)}); pass the variables of this model and probe= a "
+            "batch of the input size it was built for (the default probe is one random 32x32x3 image)"
         ) from err
-    for path, shape, value in zip(paths, shapes, values, strict=True):
-        if tuple(shape) != value.shape:
-            raise ValueError(f"prune: {'/'.join(path)} has shape {value.shape} but the model creates "
-                             f"{tuple(shape)}; pass the variables of this model")
-    return paths, values, flat[1]
+    structure = engine.analyse(paths, values, closed, gathering=lambda name: widths.gathers(model))
+    shapes_of = lambda m: widths.abstract_shapes(m, probe, paths)
+    controls = widths.resolve(model, structure, shapes_of)
+    analysed = Analysed(closed, structure, controls, flops.count(closed, len(values), paths))
+    if key is not None:
+        _CACHE[key] = analysed
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return analysed
 
 
-def carrier_classes(carriers: dict | None) -> set:
-    """The class roots of the carriers (kernel leaf -> (input position, class root))."""
-    return {root for _, root in (carriers or {}).values()}
-
-
-def prune(
-    model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True, exact=True
-):
+def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True,
+          exact=True, tolerance=TOLERANCE):
     """Remove the channels whose BatchNorm scales are zero (or small) and rebuild a smaller model.
 
     Args:
@@ -77,102 +107,54 @@ def prune(
       threshold: remove channels with |scale| <= threshold (default: exactly zero).
       percent: instead, Network Slimming's global rule: remove |scale| <= the value at index
         floor(n * percent / 100) of all n BN scales sorted together.
-      min_channels: keep at least this many channels (the largest-|scale| ones) in every conv.
-      probe: an input batch (NHWC) for tracing and for measuring the logit deviation; default 8 standard
-        normal 32x32x3 images.
+      min_channels: keep at least this many channels (the largest-|scale| ones) in every conv and gather.
+      probe: an input batch (NHWC) for tracing and for the exactness check; default one standard normal
+        32x32x3 image.
       fold: fold the constants that removed channels emit into biases / BN means (False: only slice).
-      exact: where a removed channel's constant is read through zero padding, keep one removed channel of
-        that input, its scale 0, as a constant carrier for the others (report["fold"]["carriers"]), so that
-        the pruned model computes what the model with those scales at zero computes. False: fold the closest
-        per-channel constant there instead (a slightly smaller, approximate model).
+      exact: where a removed channel's constant cannot be folded exactly (zero padding, a padded pool, a
+        nonlinearity), keep one constant input channel of the conv concerned as a carrier for the others
+        (report["fold"]["carriers"]), so that the pruned model computes what the model with those scales at
+        zero computes. False: fold the closest per-channel constant there instead (approximate).
+      tolerance: with fold and exact, the largest relative deviation (max |pruned - sparse| / max |sparse|
+        over the probe's logits, evaluated in float64) accepted; above it `prune` raises ValueError
+        instead of returning a different model.
 
     Returns:
       PruneResult(model, variables, report).
     """
-    _check_arguments(threshold, percent, min_channels)
+    _check_arguments(threshold, percent, min_channels, tolerance)
     widths.model_widths(model)  # fail early on a model outside the width protocol
     if probe is None:
-        probe = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
-    probe = jnp.asarray(probe)
-    paths, values, treedef = _flatten(model, variables, probe)
-    graph = ChannelGraph()
-    leaves = [Leaf(p, v, [graph.alloc(d) for d in v.shape]) for p, v in zip(paths, values, strict=True)]
-    closed = jax.make_jaxpr(lambda ls, x: model.apply(treedef.unflatten(ls), x, train=False))(values, probe)
-
-    def zero_scales(vals, bns, classes=None):
-        """`vals` with the BN scales of `classes` (all when None) at exactly zero."""
-        vals = list(vals)
-        for bn in bns:
-            nodes, scale = leaves[bn.scale].axes[0], vals[bn.scale]
-            zero = True if classes is None else np.isin(graph.roots(nodes), list(classes))
-            vals[bn.scale] = np.where(zero, 0, scale).astype(scale.dtype)
-        return vals
-
-    def walk(bns, zeroed=None, uses=None, carriers=None):
-        """A walk with the scales of the `zeroed` classes (of every BN when None) at exactly zero; all of them
-        but the `carriers`' classes are removed."""
-        graph.begin_walk()
-        with_values = [Leaf(leaf.path, v, leaf.axes)
-                       for leaf, v in zip(leaves, zero_scales(values, bns, zeroed), strict=True)]
-        removed = None if zeroed is None else zeroed - carrier_classes(carriers)
-        return Walker(graph, with_values, removed, uses, carriers).run(closed, len(leaves))
-
-    candidates = slicing.find_batchnorms(leaves)
-    first = walk(candidates)  # records the channel classes; exits read constants iff BN-gated
-    bns = slicing.joined(candidates, leaves, graph)
-    if len(bns) != len(candidates):
-        first = walk(bns)
-    layers = list(first.layers.values())
-    shapes_of = functools.partial(widths.abstract_shapes, probe=probe, paths=paths)
-    controls = widths.resolve(model, layers, leaves, graph, shapes_of)
-    if percent is not None:
-        threshold = slicing.percent_threshold(leaves, bns, percent)
-    blocked, folded, requested, carriers = set(), None, {}, {}
-    for _ in range(MAX_WALKS):
-        removed, clamped, kept_meeting = slicing.decide(
-            graph, leaves, bns, layers, controls, threshold, min_channels, blocked
-        )
-        if not fold:
-            break
-        carriers = {k: c for k, c in requested.items() if c[1] in removed} if exact else None
-        folded = walk(bns, zeroed=removed, uses=first.uses, carriers=carriers)
-        blocked |= folded.unfoldable  # (only with exotic gating) not constant after all: keep them
-        requested.update(folded.requests)
-        if not folded.unfoldable and not folded.requests:
-            break
-    kept_zero = carrier_classes(carriers)
-    removed -= kept_zero  # kept, with their scales at zero: constant inputs for the carried kernels
-
-    adjusted = zero_scales(values, bns, kept_zero)
-    for i, delta in (folded.adjust if folded else {}).items():
-        adjusted[i] = (adjusted[i] + delta).astype(values[i].dtype)
-    gone = slicing.removed_mask(graph, removed)
-    sliced = slicing.slice_leaves(leaves, adjusted, gone)
-    by_kernel = widths.layers_by_kernel(layers)
-    own = [by_kernel[kernels[0]] for kernels in controls]
-    pruned = model.clone(widths=tuple(slicing.kept_width(leaves, layer, gone) for layer in own))
-    widths.check_shapes(pruned, sliced, paths, shapes_of)
-    new_variables = treedef.unflatten([jnp.asarray(v) for v in sliced])
+        probe = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    probe = np.asarray(probe)
+    clock = time.perf_counter()
+    paths, values, treedef = _flatten(variables)
+    analysed = _analyse(model, paths, values, treedef, probe)
+    seconds = {"trace": time.perf_counter() - clock}
+    plan = analysed.structure.plan(values, {k for c in analysed.controls for k in c}, threshold=threshold,
+                                   percent=percent, min_channels=min_channels, fold=fold, exact=exact)
+    seconds.update(plan.seconds)
+    clock = time.perf_counter()
+    changes = {"widths": widths.kept_widths(model, analysed.controls, plan)}
+    if widths.gathers(model):
+        changes["selections"] = widths.selections(model, analysed.structure, plan)
+    pruned = model.clone(**changes)
+    try:
+        pruned_closed = trace(pruned, treedef, plan.values, probe)
+    except Exception as err:
+        raise widths.protocol_error(
+            model, f"the pruned model {type(model).__name__}({', '.join(f'{k}=...' for k in changes)}) does "
+                   f"not take the sliced variables ({_first_line(err)})") from err
+    check = reporting.check(analysed.closed, values, plan, pruned_closed, probe)
+    seconds["check"] = time.perf_counter() - clock
+    if fold and exact and check["relative_deviation"] > tolerance:
+        where = reporting.first_difference(model, pruned, treedef.unflatten(plan.reference),
+                                           treedef.unflatten(plan.values), plan, probe, tolerance)
+        raise ValueError(reporting.refusal(type(model).__name__, plan, check, tolerance, where))
     report = reporting.summary(
-        (model, variables), (pruned, new_variables), probe,
-        threshold=float(threshold), percent=percent, min_channels=int(min_channels),
-        layers=[
-            {"layer": layer.name, "before": int(before), "after": int(after), "clamped": i in clamped,
-             "carriers": int(np.isin(graph.roots(leaves[layer.kernel].axes[layer.out_axis]),
-                                     list(kept_zero)).sum())}
-            for i, (layer, before, after) in enumerate(zip(own, model.widths, pruned.widths, strict=True))
-        ],
-        kept_meeting_criterion=sum(
-            int(np.isin(graph.roots(leaves[layer.kernel].axes[layer.out_axis]), list(kept_meeting)).sum())
-            for layer in own
-        ),
-        fold={
-            "enabled": bool(fold),
-            "absorbed": sorted(set(folded.absorbed)) if folded else [],
-            "approximate": sorted(set(folded.approximate)) if folded else [],
-            "carriers": sorted(set(folded.carried)) if folded else [],
-            "carrier_channels": len(kept_zero),
-            "unabsorbed": folded.unabsorbed if folded else [],
-        },
+        plan, analysed.structure, [kernels[0] for kernels in analysed.controls], probe, check,
+        flops_before=analysed.flops, flops_after=flops.count(pruned_closed, len(values), paths),
+        percent=percent, min_channels=int(min_channels), tolerance=float(tolerance), seconds=seconds,
     )
+    new_variables = treedef.unflatten([jax.device_put(v) for v in plan.values])  # (no per-shape compile)
     return PruneResult(pruned, new_variables, report)

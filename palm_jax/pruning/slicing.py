@@ -1,54 +1,23 @@
-"""Which channel classes go, and the sliced variables.
+"""Which channel classes go, the sliced variables and the gather indices of the pruned model.
 
-A class (channels tied by the trace) is removed when
-- every BN scale attached to it satisfies the criterion (|scale| <= threshold; 0 means exactly zero),
-- it is prunable: not pinned, it holds the output channels of at least one conv whose width is a
-  `widths` entry (and of no conv with a fixed width), and every conv or Dense reading it reads a value that
+Channels tied by the trace form one class. A class is removed when
+- every BN scale in it meets the criterion (|scale| <= threshold; 0 means exactly zero; vacuous when the
+  class holds no BN scale),
+- it is produced by a resizable conv (its output channels) or by a gather (the BN side of a gathering BN),
+  no fixed-width conv produces it, it is not pinned, and every conv or Dense reading it reads a value that
   is constant once those scales are zero (it only reaches them through its BNs),
-- `min_channels` does not keep it: a layer left with fewer channels gets back its largest-|scale| ones.
+- every gather edge out of it leads to a removed class (a stream channel stays while any BN that gathers
+  it keeps it),
+- `min_channels` does not keep it: a conv output or a gathering BN left with fewer channels (carriers not
+  counted) gets back its largest-|scale| ones (a stream channel ranks by the largest scale it feeds).
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 
-from palm_jax.pruning.graph import ChannelGraph, Leaf
+from palm_jax.pruning.graph import Leaf
 
 
-@dataclass
-class BatchNorm:
-    """Leaf indices of one BN's scale and running statistics."""
-
-    scale: int
-    mean: int
-    var: int
-
-
-def find_batchnorms(leaves: list[Leaf]) -> list[BatchNorm]:
-    """Modules with a 1-D params `scale` and batch_stats `mean` and `var` of the same size."""
-    index = {leaf.path: i for i, leaf in enumerate(leaves)}
-    found = []
-    for i, leaf in enumerate(leaves):
-        if leaf.path[0] != "params" or leaf.path[-1] != "scale" or leaf.value.ndim != 1:
-            continue
-        module = leaf.path[1:-1]
-        mean, var = index.get(("batch_stats", *module, "mean")), index.get(("batch_stats", *module, "var"))
-        vectors = [leaves[j].value.shape for j in (mean, var) if j is not None]
-        if vectors == [leaf.value.shape] * 2:
-            found.append(BatchNorm(i, mean, var))
-    return found
-
-
-def joined(bns: list[BatchNorm], leaves: list[Leaf], graph: ChannelGraph) -> list[BatchNorm]:
-    """The BNs whose scale, mean and var the trace joined to one channel space (a BN recognised)."""
-    def same(bn):
-        roots = graph.roots(leaves[bn.scale].axes[0])
-        return all(np.array_equal(graph.roots(leaves[j].axes[0]), roots) for j in (bn.mean, bn.var))
-
-    return [bn for bn in bns if same(bn)]
-
-
-def percent_threshold(leaves: list[Leaf], bns: list[BatchNorm], percent: float) -> float:
+def percent_threshold(leaves: list[Leaf], bns, percent: float) -> float:
     """Network Slimming's global rule: the sorted |scales| of all BNs together, at index floor(n p / 100)."""
     if not bns:
         raise ValueError("prune: percent needs BatchNorm scales, and the model has no nn.BatchNorm")
@@ -56,64 +25,118 @@ def percent_threshold(leaves: list[Leaf], bns: list[BatchNorm], percent: float) 
     return float(scales[int(len(scales) * percent / 100)])
 
 
-def decide(graph, leaves, bns, layers, controls, threshold: float, min_channels: int, blocked=frozenset()):
-    """The removed class roots, the widths entries clamped by `min_channels`, and the roots that meet the
-    criterion but stay (not prunable, or given back by `min_channels`).
+def _fixpoint(removed: np.ndarray, edges) -> np.ndarray:
+    """Keep every class with a gather edge to a kept class, until none is left (`removed`: per root)."""
+    sources, targets = edges
+    removed = removed.copy()
+    while True:
+        keep = removed[sources] & ~removed[targets]
+        if not keep.any():
+            return removed
+        removed[sources[keep]] = False
 
-    `layers` are the traced conv/Dense layers (exits recorded with all BN scales zero), `controls[i]` the
-    kernels whose output width is widths entry i, `blocked` roots found unfoldable by a later walk.
+
+def decide(graph, leaves, bns, layers, resizable, edges, clamp_axes, threshold: float, min_channels: int,
+           blocked=None, kept=None):
+    """(removed, indices of `clamp_axes` given back channels by `min_channels`, meeting the criterion but
+    kept): masks over class roots (node ids).
+
+    `layers` are the traced conv/Dense layers (exits recorded with all BN scales zero), `resizable` the
+    kernels whose output width may change, `edges` the class-level gather edges (sources, targets),
+    `clamp_axes` node arrays that must keep min_channels (each resizable conv's output axis, each gathering
+    BN), `blocked` roots a walk found unfoldable, `kept` roots that stay whatever their scales (carriers:
+    they do not count towards min_channels).
     """
-    score, meets = {}, {}
+    roots = graph.all_roots()
+    n = len(roots)
+    score, meets, has_bn = np.zeros(n), np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
     for bn in bns:
-        scale = np.abs(leaves[bn.scale].value)
-        for root, s in zip(graph.roots(leaves[bn.scale].axes[0]).tolist(), scale.tolist(), strict=True):
-            score[root] = max(score.get(root, 0.0), s)
-            meets[root] = meets.get(root, True) and s <= threshold
-    controlled = {k for kernels in controls for k in kernels}
-    prunable, fixed = set(), set(blocked)
+        at = roots[leaves[bn.scale].axes[0]]
+        scale = np.abs(np.asarray(leaves[bn.scale].value, dtype=np.float64))
+        np.maximum.at(score, at, scale)
+        np.logical_and.at(meets, at, scale <= threshold)
+        has_bn[at] = True
+    produced, fixed = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for mask in (blocked, kept):
+        if mask is not None:
+            fixed |= mask
     for layer in layers:
-        roots = set(graph.roots(leaves[layer.kernel].axes[layer.out_axis]).tolist())
-        (prunable if layer.kernel in controlled else fixed).update(roots)
+        out = roots[leaves[layer.kernel].axes[layer.out_axis]]
+        (produced if layer.kernel in resizable else fixed)[out] = True
         for nodes, constant in layer.exits:
-            fixed.update(graph.roots(nodes[~constant]).tolist())
-    prunable = {r for r in prunable - fixed if meets.get(r, False) and not graph.is_pinned(r)}
-    axes = [graph.roots(leaves[kernels[0]].axes[_out_axis(layers, kernels[0])]) for kernels in controls]
-    short = [i for i, roots in enumerate(axes) if np.sum(~np.isin(roots, list(prunable))) < min(min_channels,
-                                                                                                 len(roots))]
-    removed = set(prunable)
-    for i in short:  # give back the largest-|scale| channels (of every layer they are tied to)
-        roots = axes[i]
-        need = min(min_channels, len(roots)) - int(np.sum(~np.isin(roots, list(removed))))
-        for root in sorted(set(roots.tolist()) & removed, key=lambda r: -score.get(r, 0.0)):
+            fixed[roots[nodes[~constant]]] = True
+    sources, targets = edges
+    produced[targets] = True
+    removed = _fixpoint(produced & ~fixed & meets & ~graph.pinned_mask(), edges)
+    rank = score.copy()
+    np.maximum.at(rank, sources, score[targets])  # a stream channel ranks by the largest scale it feeds
+    axes = [roots[nodes] for nodes in clamp_axes]
+    carrier = kept if kept is not None else np.zeros(n, dtype=bool)  # a carrier is no channel of its own
+    lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~removed[axis] & ~carrier[axis]))
+    clamped = [i for i, axis in enumerate(axes) if lacking(axis) > 0]
+    feeds = {}
+    for s, t in zip(sources.tolist(), targets.tolist(), strict=True):
+        feeds.setdefault(s, []).append(t)
+    for i in clamped:
+        axis, need = axes[i], lacking(axes[i])
+        for root in sorted(set(axis[removed[axis] & ~carrier[axis]].tolist()), key=lambda r: -rank[r]):
             if need <= 0:
                 break
-            removed.discard(root)
-            need -= int(np.sum(roots == root))
-    candidates = {r for r, ok in meets.items() if ok}
-    return removed, short, candidates - removed
+            stack = [root]  # give back the class and what it feeds
+            while stack:
+                r = stack.pop()
+                if removed[r]:
+                    removed[r] = False
+                    stack.extend(feeds.get(r, ()))
+            need -= int(np.sum(axis == root))
+    removed = _fixpoint(removed, edges)
+    feeding_ok = np.ones(n, dtype=bool)
+    np.logical_and.at(feeding_ok, sources, meets[targets] & has_bn[targets])
+    touched = has_bn.copy()
+    touched[sources] = True
+    meeting = touched & meets & feeding_ok & ~removed
+    if kept is not None:
+        meeting &= ~kept
+    return removed, clamped, meeting
 
 
-def _out_axis(layers, kernel: int) -> int:
-    return next(layer.out_axis for layer in layers if layer.kernel == kernel)
+def mask_of(n: int, roots) -> np.ndarray:
+    """A mask over class roots from an iterable of roots."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.fromiter(roots, dtype=np.int64)] = True
+    return mask
 
 
-def removed_mask(graph: ChannelGraph, removed: set) -> np.ndarray:
-    """Per node, whether its class is removed."""
-    roots = graph.roots(np.arange(len(graph)))
-    return np.isin(roots, list(removed))
+def zero_scales(values: list[np.ndarray], leaves: list[Leaf], bns, roots: np.ndarray, classes) -> list:
+    """`values` with the BN scales of `classes` (a mask over class roots) at exactly zero."""
+    values = list(values)
+    for bn in bns:
+        zero = classes[roots[leaves[bn.scale].axes[0]]]
+        if zero.any():
+            values[bn.scale] = np.where(zero, 0, values[bn.scale]).astype(values[bn.scale].dtype)
+    return values
 
 
-def slice_leaves(leaves: list[Leaf], values: list[np.ndarray], gone: np.ndarray) -> list[np.ndarray]:
-    """Drop the removed positions along every axis of every leaf."""
-    out = []
+def slice_leaves(leaves: list[Leaf], values: list[np.ndarray], gone: np.ndarray) -> tuple[list, list]:
+    """Drop the removed positions along every axis of every leaf: (sliced values, keep masks per axis)."""
+    out, masks = [], []
     for leaf, value in zip(leaves, values, strict=True):
-        for axis, nodes in enumerate(leaf.axes):
-            keep = ~gone[nodes]
-            if not keep.all():
-                value = np.compress(keep, value, axis=axis)
+        keep = [~gone[nodes] for nodes in leaf.axes]
+        for axis, k in enumerate(keep):
+            if not k.all():
+                value = np.compress(k, value, axis=axis)
         out.append(value)
-    return out
+        masks.append(keep)
+    return out, masks
 
 
-def kept_width(leaves: list[Leaf], layer, gone: np.ndarray) -> int:
-    return int(np.sum(~gone[leaves[layer.kernel].axes[layer.out_axis]]))
+def selection(entry, gone: np.ndarray) -> tuple[int, ...] | None:
+    """The positions in the pruned stream that a gathering BN reads (None: all kept stream channels in
+    order). `entry` is (stream nodes, stream position per BN position, BN-side nodes) as traced."""
+    stream, index, side = entry
+    kept = ~gone[side]
+    position = np.cumsum(~gone[stream]) - 1
+    chosen = position[index[kept]]
+    if len(chosen) == int(np.sum(~gone[stream])) and np.array_equal(chosen, np.arange(len(chosen))):
+        return None
+    return tuple(int(i) for i in chosen)

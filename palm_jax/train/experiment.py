@@ -212,7 +212,7 @@ def prune_trained(cfg: TrainConfig, state, eval_images, inputs: Inputs, trained_
     result = pruning.prune(
         model, sparse, percent=cfg.prune_percent, probe=probe, fold=fold != "none", exact=fold == "exact"
     )
-    unchanged = result.model.widths == model.widths  # nothing removed: the sparse model itself
+    unchanged = result.model == model  # same widths and selections: nothing removed, the sparse model itself
     known = (scores["sparse"] if keeps_xi else trained_accuracy) if unchanged else None
     scores["pruned"] = known if known is not None else top1(Apply(result.model), result.variables)
     return result, scores
