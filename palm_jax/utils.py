@@ -1,5 +1,5 @@
 """Small helpers the package shares, each written once: an exception's first line, an atomic file write, a
-pytree key path as strings, a model's variables without computing them.
+pytree key path as strings, a model's variables without computing them, a parameter count.
 
 Importing this module imports no JAX (`abstract_variables` does, when called).
 """
@@ -64,3 +64,11 @@ def abstract_variables(model, input_shape) -> dict:
 
     example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), example)
+
+
+def count_params(tree) -> int:
+    """Number of scalars in the array leaves of `tree` (e.g. a model's `params`)."""
+    import jax
+    import numpy as np
+
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))

@@ -56,7 +56,7 @@ def export_model(model, variables, out_dir, *, input_shape, mean, std, flops=Non
       platforms: the `jax.export` platforms to lower for.
     """
     from palm_jax.data.augment import normalize
-    from palm_jax.pruning.report import count_params
+    from palm_jax.utils import count_params
 
     out = check_out_dir(out_dir, force)
     input_shape = tuple(int(d) for d in input_shape)
