@@ -68,11 +68,17 @@ def train(model, tx, images, labels, steps, batch=64, seed=0):
     return optimizer, losses
 
 
+@nnx.jit
+def forward(model, x):
+    return model(x)
+
+
 def logits(model, images) -> np.ndarray:
-    """Eval-mode outputs of a copy of `model` (the module itself keeps its mode)."""
+    """Eval-mode outputs of a copy of `model` (the module itself keeps its mode); one compilation per
+    module structure."""
     copy = nnx.clone(model)
     copy.eval()
-    return np.asarray(nnx.jit(lambda m, x: m(x))(copy, images))
+    return np.asarray(forward(copy, images))
 
 
 def param_tree(model) -> dict:

@@ -118,6 +118,20 @@ class ReadsWidth(nnx.Module):
         return self.head(h.mean(axis=(1, 2))) * h.shape[-1]
 
 
+class Grouped(nnx.Module):
+    """An nnx.Sequential stem with a BatchNorm without bias, then a grouped conv (2 groups)."""
+
+    def __init__(self, *, rngs):
+        self.stem = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=rngs),
+                                   nnx.BatchNorm(8, use_bias=False, rngs=rngs), nnx.relu)
+        self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.grouped(self.stem(x)))).mean(axis=(1, 2)))
+
+
 def images(n=4, size=8, seed=1):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(n, size, size, 3)), jnp.float32)
 
@@ -208,7 +222,19 @@ def test_pruned_module_equals_the_sparse_one(include_pad, bias_sign):
         assert result.report["fold"]["carrier_channels"] > 0
 
 
-def test_layers_it_cannot_resize_are_left_alone_and_reported():
+def test_a_grouped_conv_keeps_its_groups():
+    model, x = Grouped(rngs=nnx.Rngs(0)), images()
+    for bn in (model.stem.layers[1], model.bn):
+        bn.scale[...] = jnp.asarray([0, 0, 0.5, 0.7, 0, 0, 0.9, 0.3], jnp.float32)
+    result = prune(model, probe=x)
+    assert_equal_outputs(result.model, model, x)
+    grouped = result.model.grouped
+    # kernel position k reads input k of both groups: inputs 0, 1 and 4, 5 go together (and outputs too)
+    assert grouped.kernel.shape == (3, 3, 2, 4) and grouped.feature_group_count == 2
+    assert grouped.in_features == grouped.out_features == 4 == result.model.bn.num_features
+
+
+def test_layers_it_cannot_resize_are_left_alone_and_reported(tmp_path):
     model, x = sparsify(Custom(rngs=nnx.Rngs(0)), seed=1, bias_sign=1.0), images()
     result = prune(model, probe=x)
     assert_equal_outputs(result.model, model, x)
@@ -221,6 +247,12 @@ def test_layers_it_cannot_resize_are_left_alone_and_reported():
     assert left["offset"]["class"] == "Offset" and "constant" in left["offset"]["why"]
     zeros = int(np.sum(model.bn1.scale[...] == 0) + np.sum(model.bn2.scale[...] == 0))
     assert result.report["kept_meeting_criterion"] >= zeros > 0
+    save_pruned(tmp_path / "custom", result)  # its own Variable type and the Dropout's RNG state included
+    loaded = load_pruned(tmp_path / "custom")
+    assert nnx.graphdef(loaded.model) == nnx.graphdef(result.model)
+    np.testing.assert_array_equal(logits(loaded.model, x), logits(result.model, x))
+    np.testing.assert_array_equal(jax.random.key_data(loaded.model.drop.rngs.key[...]),
+                                  jax.random.key_data(result.model.drop.rngs.key[...]))
 
 
 def test_a_pruned_module_trains_with_palm_prox_and_prunes_again():

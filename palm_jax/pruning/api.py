@@ -119,8 +119,8 @@ def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1,
       percent: instead, Network Slimming's global rule: remove |scale| <= the value at index
         floor(n * percent / 100) of all n BN scales sorted together.
       min_channels: keep at least this many channels (the largest-|scale| ones) in every conv and gather.
-      probe: an input batch (NHWC) for tracing and for the exactness check; default one standard normal
-        32x32x3 image.
+      probe: an input batch (NHWC) for tracing and for the exactness check; default (Linen only) one
+        standard normal 32x32x3 image.
       fold: fold the constants that removed channels emit into biases / BN means (False: only slice).
       exact: where a removed channel's constant cannot be folded exactly (zero padding, a padded pool, a
         nonlinearity), keep one constant input channel of the conv concerned as a carrier for the others

@@ -153,7 +153,7 @@ def _nnx_description(model, constructor) -> dict:
 
 
 def _state_shapes(state) -> dict:
-    return {"/".join(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+    return {nnx_layers.path_name(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
 def _build_nnx(meta: dict, fail):
@@ -176,7 +176,7 @@ def _build_nnx(meta: dict, fail):
         raise fail(f"{name}(rngs=...) builds a {type(model).__name__}, not an nnx.Module")
     graphdef, state = nnx.split(model)
     flat = list(nnx.to_flat_state(state))
-    names = ["/".join(str(p) for p in path) for path, _ in flat]
+    names = [nnx_layers.path_name(path) for path, _ in flat]
     if set(names) != set(shapes):
         other = sorted(set(names) ^ set(shapes))
         raise fail(f"{name} builds other variables than were saved (e.g. {other[0]})")
@@ -195,8 +195,11 @@ def _json_default(value):
 
 
 def _shapes(tree) -> dict:
+    """{leaf path: shape as stored} (a PRNG key array is stored as its key data)."""
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {"/".join(leaf_path(path)): tuple(leaf.shape) for path, leaf in flat}
+    stored = lambda leaf: jax.eval_shape(jax.random.key_data, leaf) if jax.dtypes.issubdtype(
+        getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key) else leaf
+    return {"/".join(leaf_path(path)): tuple(stored(leaf).shape) for path, leaf in flat}
 
 
 def _first_difference(stored: dict, expected: dict) -> str:

@@ -37,7 +37,7 @@ COLLECTIONS = ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats"))
 
 class Split:
     """A module's graph and flat state, with the engine's view of it: which state entries are leaves
-    (`index`), their `paths` and `values`, and the leaves whose layer keeps them whole (`fixed`)."""
+    (`index`), their `paths` and `values`."""
 
     def __init__(self, model):
         self.graphdef, state = nnx.split(model)
@@ -75,9 +75,8 @@ def trace(split: Split, probe):
     return jax.make_jaxpr(lambda leaves, x: split.merge(leaves)(x))(split.values, probe)
 
 
-def _left_alone(model, split: Split):
+def _left_alone(modules: dict, split: Split):
     """(leaf indices kept whole, [{module, class, why}]) for the modules the pruner does not resize."""
-    modules = {nnx_layers.module_name(path): module for path, module in nnx.iter_modules(model)}
     fixed, listed = set(), {}
     for i, path in enumerate(split.paths):
         owner = "/".join(path[1:-1])
@@ -88,7 +87,7 @@ def _left_alone(model, split: Split):
             listed.setdefault(owner, {"module": owner, "class": kind, "why": why})
     for path, variable in split.others():
         if not isinstance(variable, nnx.RngState):  # RNG keys and counts touch no channel
-            name = "/".join(str(p) for p in path)
+            name = nnx_layers.path_name(path)
             listed[name] = {"module": name, "class": type(variable).__name__,
                             "why": "not an nnx.Param or nnx.BatchStat: read as a constant"}
     return fixed, list(listed.values())
@@ -111,7 +110,8 @@ def _digest(split: Split) -> str:
 def _analysed(model, split: Split, probe):
     """(Analysed, left_alone) of one module structure and probe shape; controls: the resized conv / Dense
     kernels in forward order."""
-    fixed, left_alone = _left_alone(model, split)
+    modules = nnx_layers.named_modules(model)
+    fixed, left_alone = _left_alone(modules, split)
     try:
         closed = trace(split, probe)
     except Exception as err:
@@ -119,10 +119,10 @@ def _analysed(model, split: Split, probe):
             f"prune: {type(model).__name__}(probe) fails in eval mode on the probe batch of shape "
             f"{tuple(probe.shape)} ({error_line(err)}); pass probe= a batch of the input the module is built "
             "for, the module called as model(x)") from err
-    modules = {nnx_layers.module_name(path): module for path, module in nnx.iter_modules(model)}
     gathering = lambda name: type(modules.get(name)) in nnx_layers.GATHERING
     structure = engine.analyse(split.paths, split.values, closed, gathering=gathering, fixed=fixed)
-    controls = [[layer.kernel] for layer in structure.layers if layer.kernel not in fixed]
+    controls = [[layer.kernel] for layer in structure.layers
+                if layer.kernel not in fixed and type(modules.get(layer.name)) in nnx_layers.LAYERS]
     return Analysed(closed, structure, controls, flops.count(closed, len(split.values), split.paths)), \
         left_alone
 

@@ -26,7 +26,8 @@ class GatherBatchNorm(nnx.BatchNorm):
         return super().__call__(x, use_running_average, mask=mask)
 
 
-RESIZED = (nnx.Conv, nnx.Linear, nnx.BatchNorm, GatherBatchNorm)
+LAYERS = (nnx.Conv, nnx.Linear)  # whose output width may change
+RESIZED = (*LAYERS, nnx.BatchNorm, GatherBatchNorm)
 GATHERING = (nnx.BatchNorm, GatherBatchNorm)
 NORMALISING = (nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
 
@@ -65,20 +66,25 @@ def resize(model, selections: dict) -> None:
             module.in_features, module.out_features = tuple(module.kernel.shape)
         elif kind in GATHERING:
             module.num_features = int(module.mean.shape[0])
-        name = module_name(path)
+        name = path_name(path)
         if name in selections and (selections[name] is not None or kind is GatherBatchNorm):
             module.__class__ = GatherBatchNorm  # the same object, now reading its selected channels
             module.indices = selections[name]
 
 
-def module_name(path) -> str:
-    """A module's path in the engine's convention ("block/0/conv")."""
+def path_name(path) -> str:
+    """An NNX module or state path as the engine names it ("blocks/0/conv", "blocks/0/conv/kernel")."""
     return "/".join(str(part) for part in path)
+
+
+def named_modules(model) -> dict:
+    """{path name: module} of every module in the graph (the root is "")."""
+    return {path_name(path): module for path, module in nnx.iter_modules(model)}
 
 
 def gathers(model) -> dict:
     """{module path: indices} of the model's GatherBatchNorms."""
-    return {module_name(path): module.indices for path, module in nnx.iter_modules(model)
+    return {path_name(path): module.indices for path, module in nnx.iter_modules(model)
             if isinstance(module, GatherBatchNorm)}
 
 
@@ -88,11 +94,11 @@ def modes(model) -> dict:
     for path, module in nnx.iter_modules(model):
         flags = {k: getattr(module, k) for k in MODES if isinstance(getattr(module, k, 0), bool | None)}
         if flags:
-            found[module_name(path)] = flags
+            found[path_name(path)] = flags
     return found
 
 
 def set_modes(model, flags: dict) -> None:
     for path, module in nnx.iter_modules(model):
-        for key, value in flags.get(module_name(path), {}).items():
+        for key, value in flags.get(path_name(path), {}).items():
             setattr(module, key, value)
