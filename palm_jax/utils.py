@@ -1,11 +1,13 @@
 """Small helpers the package shares, each written once: an exception's first line, an atomic file write, a
-pytree key path as strings, a model's variables without computing them, a parameter count.
+tagged JSON description read back, a pytree key path as strings, a model's variables without computing them,
+a parameter count.
 
 Importing this module imports no JAX (`abstract_variables` does, when called).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,6 +39,25 @@ def atomic_write(path, content: str | bytes | Callable[[IO[bytes]], None]) -> Pa
             os.remove(tmp)
         raise
     return path
+
+
+def read_tagged_json(folder: Path, name: str, tag: str, version: int, fail, missing: str = "") -> dict:
+    """The JSON object in `folder / name` whose "format" is `tag` and "version" is `version`. Anything else
+    raises `fail(why)` (an exception with a one-line message): `folder` not a directory, the file absent
+    (`missing` is appended to say how to make one), unreadable, of another format or version."""
+    if not folder.is_dir():
+        raise fail("not a directory")
+    try:
+        meta = json.loads((folder / name).read_text())
+    except FileNotFoundError:
+        raise fail(f"no {name}{missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise fail(f"unreadable {name} ({type(err).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != tag:
+        raise fail(f"{name} has no format {tag!r}")
+    if meta.get("version") != version:
+        raise fail(f"version {meta.get('version')!r}, this palm_jax reads version {version}")
+    return meta
 
 
 def key_name(key) -> str:

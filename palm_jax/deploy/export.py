@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from palm_jax.utils import read_tagged_json
+
 FORMAT, VERSION = "palm_jax.exported", 1
 META, ARTIFACT, WEIGHTS = "exported.json", "model.jax", "weights.npz"
 PLATFORMS = ("cpu", "cuda")
@@ -178,19 +180,8 @@ def load_exported(path) -> ExportedModel:
     def fail(why: str):
         return ExportError(f"load_exported: {path} is not a usable palm_jax export: {why}")
 
-    if not path.is_dir():
-        raise fail("not a directory")
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise fail(f"no {META} (make an export with `python -m palm_jax.cli export CHECKPOINT --out DIR` "
-                   "or export_model)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise fail(f"unreadable {META} ({type(err).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise fail(f"{META} has no format {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise fail(f"version {meta.get('version')!r}, this palm_jax reads version {VERSION}")
+    meta = read_tagged_json(path, META, FORMAT, VERSION, fail, missing=(
+        " (make an export with `python -m palm_jax.cli export CHECKPOINT --out DIR` or export_model)"))
     try:
         sums, names = dict(meta["sha256"]), list(meta["weights"])
         meta["input"]["shape"], int(meta["num_classes"])

@@ -1,6 +1,7 @@
 """Physically remove the channels whose BatchNorm scales are zero and rebuild a smaller Flax module.
 
-    result = palm_jax.prune(model, {"params": sparse_params, "batch_stats": batch_stats})
+    result = palm_jax.prune(model, {"params": sparse_params, "batch_stats": batch_stats})   # Linen
+    result = palm_jax.prune(nnx_model, probe=images[:8])                                   # Flax NNX
     result.model, result.variables, result.report
     palm_jax.save_pruned("runs/pruned", result); palm_jax.load_pruned("runs/pruned")
 
@@ -88,14 +89,30 @@ approximate, carriers: the convs whose kernel a carrier changed, carrier_channel
 max_logit_deviation (from the model as given, float64); check ({relative_deviation, max_abs_deviation,
 tolerance, reference, images}); seconds ({trace, decide, fold, slice, check}).
 
+Flax NNX (`nnx.py`, `nnx_layers.py`): `prune(module, probe=x)` takes any `nnx.Module` called as `model(x)`,
+no protocol: the NNX state gives the leaves (`nnx.Param` as params, `nnx.BatchStat` as batch_stats; other
+Variables are read as constants, so what they touch is kept), the trace runs on a copy in `eval()` mode, and
+the rebuild copies the module graph with the sliced arrays and sets each layer's feature counts. Exactly
+nnx.Conv (depthwise and grouped too), nnx.Linear and nnx.BatchNorm are resized; every nnx.BatchNorm may
+gather (it becomes a `GatherBatchNorm`, an nnx.BatchNorm of `x[..., indices]`). Any other module holding
+Params or BatchStats itself (a user's layer, nnx.LayerNorm / GroupNorm, a masked conv) keeps its variables
+and the channels they touch: report["left_alone"] ([{module, class, why}]) lists them and the user's own
+Variables. In the report, `layers` are then every resized conv / Dense layer in forward order. A module
+without nnx.BatchNorm is refused (nothing could be removed); `probe` is required (no default input fits a
+module built for one size). `save_pruned(path, result, constructor=...)` stores the unpruned module's
+constructor (its class by default, or a functools.partial with its arguments) and the pruned shapes;
+`load_pruned` builds it under `nnx.eval_shape` and restores the state (`io.py`).
+
 The engine (`engine.py`) is independent of the rebuild: its input is the leaves (paths, values), the closed
-jaxpr of an eval-mode forward over (leaves, input), which BNs may gather and which conv / Dense kernels may
-change width; its output is per-leaf per-axis keep masks, the sliced and folded values, per-BN gather
-indices and the report's parts. This package rebuilds Linen modules (`api.py`, `widths.py`); `trace.py` and
-`shapes.py` walk the jaxpr, `slicing.py` decides and slices, `flops.py` counts, `io.py` saves and loads.
+jaxpr of an eval-mode forward over (leaves, input), which BNs may gather, which leaves keep their shapes and
+which conv / Dense kernels may change width; its output is per-leaf per-axis keep masks, the sliced and
+folded values, per-BN gather indices and the report's parts. The front ends rebuild Linen modules (`api.py`,
+`widths.py`) and NNX modules (`nnx.py`, `nnx_layers.py`); `trace.py` and `shapes.py` walk the jaxpr,
+`slicing.py` decides and slices, `flops.py` counts, `report.py` checks and reports, `io.py` saves and loads.
 """
 
 from palm_jax.pruning.api import PruneResult, prune
 from palm_jax.pruning.io import PrunedCheckpointError, load_pruned, save_pruned
+from palm_jax.pruning.nnx_layers import GatherBatchNorm
 
-__all__ = ["prune", "PruneResult", "save_pruned", "load_pruned", "PrunedCheckpointError"]
+__all__ = ["prune", "PruneResult", "save_pruned", "load_pruned", "PrunedCheckpointError", "GatherBatchNorm"]

@@ -1,4 +1,5 @@
-"""`prune` for Linen modules: trace (cached), plan (engine), rebuild by the width protocol, check, report."""
+"""`prune` for Linen modules: trace (cached), plan (engine), rebuild by the width protocol, check, report.
+An `nnx.Module` goes to the NNX front end (`nnx.py`), which shares the arguments, the cache and the result."""
 
 import time
 from collections import OrderedDict
@@ -10,6 +11,7 @@ import numpy as np
 
 from palm_jax.pruning import engine, flops, widths
 from palm_jax.pruning import report as reporting
+from palm_jax.utils import first_line, leaf_path
 
 COLLECTIONS = ("params", "batch_stats")
 TOLERANCE = 1e-5  # default largest relative logit deviation of the pruned model from the sparse one
@@ -34,7 +36,7 @@ class Analysed(NamedTuple):
     flops: dict
 
 
-def _check_arguments(threshold, percent, min_channels, tolerance) -> None:
+def check_arguments(threshold, percent, min_channels, tolerance) -> None:
     if percent is not None and not 0 <= percent < 100:
         raise ValueError(f"prune: percent must be in [0, 100), got {percent}")
     if percent is not None and threshold != 0.0:
@@ -54,13 +56,28 @@ def _flatten(variables):
             "trained params, e.g. {'params': sparse_scales(params, opt_state), 'batch_stats': batch_stats})"
         )
     flat, treedef = jax.tree_util.tree_flatten_with_path({k: variables[k] for k in COLLECTIONS})
-    paths = [tuple(str(getattr(p, "key", p)) for p in path) for path, _ in flat]
+    paths = [leaf_path(path) for path, _ in flat]
     return paths, [np.asarray(v) for _, v in flat], treedef
 
 
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+def error_line(err: Exception) -> str:
+    """An exception as `Type: first line` (for a one-line message that wraps it)."""
+    return f"{type(err).__name__}: {first_line(err)[:200]}"
+
+
+def cached(key, build):
+    """`build()`, kept for later calls with the same key (the last CACHE_SIZE keys; unhashable: not kept)."""
+    try:
+        hash(key)
+    except TypeError:  # an unhashable module attribute: no caching
+        return build()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = build()
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
 
 
 def trace(model, treedef, values, probe):
@@ -70,46 +87,40 @@ def trace(model, treedef, values, probe):
 
 
 def _analyse(model, paths, values, treedef, probe) -> Analysed:
-    try:
-        key = (model, treedef, tuple((v.shape, v.dtype.str) for v in values), probe.shape, probe.dtype.str)
-        hash(key)
-    except TypeError:  # an unhashable module attribute: no caching
-        key = None
-    if key is not None and key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    key = (model, treedef, tuple((v.shape, v.dtype.str) for v in values), probe.shape, probe.dtype.str)
+    return cached(key, lambda: _analysed(model, paths, values, treedef, probe))
+
+
+def _analysed(model, paths, values, treedef, probe) -> Analysed:
     try:
         closed = trace(model, treedef, values, probe)
     except Exception as err:
         raise ValueError(
             f"prune: {type(model).__name__}.apply(variables, probe, train=False) fails on the probe batch of "
-            f"shape {tuple(probe.shape)} ({_first_line(err)}); pass the variables of this model and probe= a "
+            f"shape {tuple(probe.shape)} ({error_line(err)}); pass the variables of this model and probe= a "
             "batch of the input size it was built for (the default probe is one random 32x32x3 image)"
         ) from err
     structure = engine.analyse(paths, values, closed, gathering=lambda name: widths.gathers(model))
     shapes_of = lambda m: widths.abstract_shapes(m, probe, paths)
     controls = widths.resolve(model, structure, shapes_of)
-    analysed = Analysed(closed, structure, controls, flops.count(closed, len(values), paths))
-    if key is not None:
-        _CACHE[key] = analysed
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return analysed
+    return Analysed(closed, structure, controls, flops.count(closed, len(values), paths))
 
 
-def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True,
+def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True,
           exact=True, tolerance=TOLERANCE):
     """Remove the channels whose BatchNorm scales are zero (or small) and rebuild a smaller model.
 
     Args:
-      model: a Flax module following the width protocol (`widths` attribute, see `palm_jax.pruning`).
-      variables: `{"params": ..., "batch_stats": ...}` of the model.
+      model: a Linen module following the width protocol (`widths` attribute, see `palm_jax.pruning`), or
+        any `flax.nnx.Module` (see `palm_jax.pruning.nnx`: no protocol, `probe` required).
+      variables: `{"params": ..., "batch_stats": ...}` of a Linen model; for an NNX module None (its own
+        state) or an `nnx.State` (whole or partial, e.g. the sparse params) written into a copy first.
       threshold: remove channels with |scale| <= threshold (default: exactly zero).
       percent: instead, Network Slimming's global rule: remove |scale| <= the value at index
         floor(n * percent / 100) of all n BN scales sorted together.
       min_channels: keep at least this many channels (the largest-|scale| ones) in every conv and gather.
-      probe: an input batch (NHWC) for tracing and for the exactness check; default one standard normal
-        32x32x3 image.
+      probe: an input batch (NHWC) for tracing and for the exactness check; default (Linen only) one
+        standard normal 32x32x3 image.
       fold: fold the constants that removed channels emit into biases / BN means (False: only slice).
       exact: where a removed channel's constant cannot be folded exactly (zero padding, a padded pool, a
         nonlinearity), keep one constant input channel of the conv concerned as a carrier for the others
@@ -122,7 +133,15 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     Returns:
       PruneResult(model, variables, report).
     """
-    _check_arguments(threshold, percent, min_channels, tolerance)
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        from palm_jax.pruning import nnx as nnx_front
+
+        return nnx_front.prune(model, variables, threshold=threshold, percent=percent,
+                               min_channels=min_channels, probe=probe, fold=fold, exact=exact,
+                               tolerance=tolerance)
+    check_arguments(threshold, percent, min_channels, tolerance)
     widths.model_widths(model)  # fail early on a model outside the width protocol
     if probe is None:
         probe = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
@@ -144,7 +163,7 @@ def prune(model, variables, *, threshold=0.0, percent=None, min_channels=1, prob
     except Exception as err:
         raise widths.protocol_error(
             model, f"the pruned model {type(model).__name__}({', '.join(f'{k}=...' for k in changes)}) does "
-                   f"not take the sliced variables ({_first_line(err)})") from err
+                   f"not take the sliced variables ({error_line(err)})") from err
     check = reporting.check(analysed.closed, values, plan, pruned_closed, probe)
     seconds["check"] = time.perf_counter() - clock
     if fold and exact and check["relative_deviation"] > tolerance:

@@ -1,6 +1,6 @@
 """The pruning engine, independent of how a model is rebuilt (Linen's width protocol, NNX's modules).
 
-    structure = analyse(paths, values, closed, gathering=lambda bn_name: True)   # once per model and shapes
+    structure = analyse(paths, values, closed, gathering=lambda bn_name: True, fixed={leaf indices})
     plan = structure.plan(values, resizable={kernel leaf indices}, threshold=0.0, min_channels=1)
     plan.values            # sliced (and folded) leaves, in the order of `paths`
     plan.keep[i][axis]     # per leaf, per axis: which positions stay (bool arrays)
@@ -13,7 +13,8 @@ Inputs: the leaves (paths: the collection, "params" or "batch_stats", then the m
 name, e.g. ("params", "block", "conv", "kernel"), ("batch_stats", "block", "bn", "mean"); values: NumPy
 arrays; any order), the closed jaxpr of an eval-mode forward pass taking those leaves then the input batch
 (`jax.make_jaxpr(lambda leaves, x: forward(leaves, x))(values, probe)`), which BatchNorms may gather their
-input (`gathering(bn module path) -> bool`, the others are tied to what they read) and, per plan, which
+input (`gathering(bn module path) -> bool`, the others are tied to what they read), which leaves keep their
+shapes whatever the scales (`fixed`: pinned, with every channel they touch) and, per plan, which
 conv / Dense kernels may change their output width (`resizable`; the others keep theirs). A BN is a module
 with params `scale` (and `bias`) and batch_stats `mean`, `var` of one size; a conv is a
 `conv_general_dilated` whose kernel is a leaf (its `feature_group_count` is respected: a depthwise conv's
@@ -21,11 +22,11 @@ channels go with its input's, a grouped conv's per group). `structure.layers` ar
 layers in forward order (name = module path, kernel leaf, in / out axis, groups, depthwise),
 `structure.bn_order()` the BN module paths in forward order.
 
-After the rebuild (the front end's job: `api.py` for Linen), trace the rebuilt module the same way and
-finish with the shared pieces: `report.check(closed, values, plan, pruned_closed, probe)` (float64 logits
-of both, no compilation), `flops.count(closed, len(values), paths)` (both FLOP conventions, per example),
-`report.summary(plan, structure, reported_kernels, probe, check, ...)` and `report.refusal(...)` when the
-relative deviation exceeds the tolerance.
+After the rebuild (the front end's job: `api.py` for Linen, `nnx.py` for NNX), trace the rebuilt module
+the same way and finish with the shared pieces: `report.check(closed, values, plan, pruned_closed, probe)`
+(float64 logits of both, no compilation), `flops.count(closed, len(values), paths)` (both FLOP conventions,
+per example), `report.summary(plan, structure, reported_kernels, probe, check, ...)` and
+`report.refusal(...)` when the relative deviation exceeds the tolerance.
 """
 
 import time
@@ -200,16 +201,17 @@ def _ordered(layers, resizable) -> list[int]:
     return [layer.kernel for layer in layers if layer.kernel in resizable]
 
 
-def analyse(paths, values, closed, gathering=lambda name: False) -> Structure:
+def analyse(paths, values, closed, gathering=lambda name: False, fixed=frozenset()) -> Structure:
     """Walk the traced forward pass once: channel classes, gather edges, layers and BatchNorms.
 
     A BN applied more than once, or whose vectors the walk does not join, is tied to what it reads instead
-    of gathering."""
+    of gathering. `fixed` are leaf indices whose every axis keeps all its positions (pinned): the leaves of
+    layers the front end cannot resize, and so the channels they touch."""
     values = [np.asarray(v) for v in values]
     allowed = None
     while True:
         graph = ChannelGraph()
-        axes = [[graph.alloc(d) for d in v.shape] for v in values]
+        axes = [[graph.alloc(d, pinned=i in fixed) for d in v.shape] for i, v in enumerate(values)]
         leaves = [Leaf(p, v, a) for p, v, a in zip(paths, values, axes, strict=True)]
         bns = find_batchnorms(leaves)
         chosen = {b for b, bn in enumerate(bns) if gathering(bn.name)} if allowed is None else allowed

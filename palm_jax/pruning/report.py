@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from palm_jax.pruning import evaluate
+from palm_jax.utils import leaf_path
 
 FLOPS_CONVENTIONS = {
     "flops": "XLA's HLO cost analysis of one eval forward pass on one example: 2 per multiply-add, conv taps "
@@ -100,14 +101,14 @@ def summary(plan, structure, kernels, probe, check, *, flops_before, flops_after
     }
 
 
-def refusal(name: str, plan, check, tolerance, where: str | None) -> str:
+def refusal(name: str, plan, check, tolerance, where: str | None, cause: str | None = None) -> str:
     """Why `prune` refuses: the deviation, the fold's own account or the first BatchNorm whose kept outputs
-    differ (`where`), and the way out."""
+    differ (`where`; `cause` instead for a front end that cannot tell), and the way out."""
     fold = plan.fold
     if fold["approximate"] or fold["unabsorbed"]:
         cause = (f"folding was approximate at {fold['approximate'][:3]} and left offsets unabsorbed at "
                  f"{[u['at'] for u in fold['unabsorbed']][:3]}")
-    else:
+    elif cause is None:
         cause = (f"the first BatchNorm whose kept channels differ is {where}; the model likely uses its "
                  "widths beyond shapes (e.g. a scale computed from widths) or applies `selections` to "
                  "other BatchNorms than their forward order" if where else
@@ -124,7 +125,7 @@ def first_difference(model, pruned, reference, values, plan, probe, tolerance) -
     models (sparse `model` with `reference` variables, `pruned` with `values`)."""
     masks = {}
     for (path, _), mask in zip(jax.tree_util.tree_flatten_with_path(values)[0], plan.keep, strict=True):
-        keys = tuple(str(getattr(p, "key", p)) for p in path)
+        keys = leaf_path(path)
         if keys[0] == "params" and keys[-1] == "scale":
             masks["/".join(keys[1:-1])] = mask[0]
     capture = functools.partial(_intermediates, probe=probe)

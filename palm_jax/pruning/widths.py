@@ -13,6 +13,8 @@ import math
 
 import jax
 
+from palm_jax.utils import abstract_variables, leaf_path
+
 
 def protocol_error(model, detail: str) -> ValueError:
     return ValueError(
@@ -102,12 +104,12 @@ class LeafMismatch(ValueError):
 
 def abstract_shapes(model, probe, paths) -> list[tuple[int, ...]]:
     """Leaf shapes of `model.init` on a one-example probe, in the order of `paths`."""
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), probe[:1])
+    variables = abstract_variables(model, probe.shape[1:])
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(
         {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     )[0]:
-        found[tuple(p.key for p in path)] = tuple(leaf.shape)
+        found[leaf_path(path)] = tuple(leaf.shape)
     if set(found) != set(paths):
         missing = sorted("/".join(p) for p in set(paths) ^ set(found))
         raise LeafMismatch(f"prune: the variables and {type(model).__name__}.init differ in the leaves "
