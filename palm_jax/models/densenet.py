@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_selections, set_widths
+from palm_jax.models.layers import SelectingCNN, bn_relu, bn_relu_conv, classify, conv
 
 NUM_BLOCKS = 3
 
@@ -42,7 +42,7 @@ def _default_widths(depth: int, growth_rate: int) -> tuple[int, ...]:
     return tuple(widths)
 
 
-class DenseNet(nn.Module):
+class DenseNet(SelectingCNN):
     """NS DenseNet: stem conv3x3 to 2 * growth_rate, three dense blocks of n BN-ReLU-conv3x3 layers whose
     outputs are concatenated to their inputs (depth 3n + 4), BN-ReLU-conv1x1-avgpool2 transitions, BN-ReLU,
     8x8 avg pool, Dense.
@@ -55,22 +55,19 @@ class DenseNet(nn.Module):
 
     depth: int = 40
     growth_rate: int = 12
-    num_classes: int = 10
-    widths: tuple[int, ...] | None = None
-    dtype: Any = jnp.float32
-    selections: tuple | None = None
 
-    def __post_init__(self):
+    def default_widths(self) -> tuple[int, ...]:
         if self.growth_rate <= 0:
             raise ValueError(f"DenseNet: growth_rate must be positive, got {self.growth_rate}")
-        set_widths(self, _default_widths(self.depth, self.growth_rate))
-        set_selections(self, len(self.widths))  # one BN per conv but the stem, plus bn_final
-        super().__post_init__()
+        return _default_widths(self.depth, self.growth_rate)
+
+    def bn_count(self) -> int:
+        return len(self.default_widths())  # one BN per conv but the stem, plus bn_final
 
     @nn.compact
     def __call__(self, x, train: bool):
         n = _layers_per_block(self.depth)
-        selections = self.selections or (None,) * len(self.widths)
+        selections = self.bn_selections()
         x = conv(self.widths[0], 3, name="conv0", dtype=self.dtype)(x)
         i = 1  # widths[i] is the conv after BN selections[i - 1]
         for block in range(NUM_BLOCKS):

@@ -12,6 +12,7 @@ dtype; parameters are always float32.
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -146,3 +147,29 @@ def bn_relu_conv(
     """Pre-activation unit of PreResNet and DenseNet: BN (of the `selection` of x) -> ReLU -> conv."""
     x = bn_relu(x, train, name=bn_name, dtype=dtype, selection=selection)
     return conv(features, kernel_size, stride=stride, name=conv_name, dtype=dtype)(x)
+
+
+class SelectingCNN(nn.Module):
+    """Base of the CNNs whose BatchNorms read a shared stream (PreResNet, DenseNet): the fields of the width
+    protocol with per-BN `selections`, resolved in `__post_init__`. Subclasses give `default_widths()` and
+    `bn_count()` (BatchNorms in forward order)."""
+
+    num_classes: int = 10
+    widths: tuple[int, ...] | None = None
+    dtype: Any = jnp.float32
+    selections: tuple | None = None
+
+    def __post_init__(self):
+        set_widths(self, self.default_widths())
+        set_selections(self, self.bn_count())
+        super().__post_init__()
+
+    def default_widths(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def bn_count(self) -> int:
+        raise NotImplementedError
+
+    def bn_selections(self) -> tuple:
+        """The input channels each BN reads, in forward order (None: all)."""
+        return self.selections or (None,) * self.bn_count()

@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from palm_jax.models.layers import bn_relu, bn_relu_conv, classify, conv, set_selections, set_widths
+from palm_jax.models.layers import SelectingCNN, bn_relu, bn_relu_conv, classify, conv
 
 STAGE_PLANES = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
@@ -52,7 +52,7 @@ def _default_widths(depth: int) -> tuple[int, ...]:
     return tuple(widths)
 
 
-class PreResNet(nn.Module):
+class PreResNet(SelectingCNN):
     """NS PreResNet: stem conv3x3, three stages of n bottleneck blocks (depth 9n + 2), BN-ReLU, 8x8 avg pool,
     Dense.
 
@@ -64,14 +64,15 @@ class PreResNet(nn.Module):
     """
 
     depth: int = 164
-    num_classes: int = 10
-    widths: tuple[int, ...] | None = None
-    dtype: Any = jnp.float32
-    selections: tuple | None = None
+
+    def default_widths(self) -> tuple[int, ...]:
+        return _default_widths(self.depth)
+
+    def bn_count(self) -> int:
+        return 3 * 3 * _num_blocks(self.depth) + 1  # bn1, bn2, bn3 per block, then bn_final
 
     def __post_init__(self):
-        set_widths(self, _default_widths(self.depth))
-        set_selections(self, 3 * 3 * _num_blocks(self.depth) + 1)
+        super().__post_init__()
         for s, block_widths in enumerate(self._block_widths()):
             residual = {w[2] for w in block_widths} | {block_widths[0][3]}
             if len(residual) > 1:
@@ -79,7 +80,6 @@ class PreResNet(nn.Module):
                     f"PreResNet: widths of stage {s + 1}'s conv3 and downsample convs are added together and "
                     f"must be equal, got {sorted(residual)}"
                 )
-        super().__post_init__()
 
     def _block_widths(self) -> list[list[tuple[int, ...]]]:
         """Per stage, per block, the slice of `widths` that the block's convs use."""
@@ -95,7 +95,7 @@ class PreResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        selections = self.selections or (None,) * (3 * 3 * _num_blocks(self.depth) + 1)
+        selections = self.bn_selections()
         x = conv(self.widths[0], 3, name="conv0", dtype=self.dtype)(x)
         k = 0
         for s, (blocks, stride) in enumerate(zip(self._block_widths(), STAGE_STRIDES, strict=True)):
