@@ -136,14 +136,17 @@ def measure_latency(before, after, batches=None, **options) -> dict:
 def add_latency(result, before, latency, input_shape):
     """`palm_jax.prune`'s `latency=` option: `result` (a PruneResult) with `result.report["latency"]`, the
     `measure_latency` of `before` (the unpruned (module, variables)) and the pruned model on inputs of
-    `input_shape`; `latency`: False (nothing), True (the defaults) or a dict of `measure_latency` options."""
+    `input_shape`, with "seconds" (what measuring took, compilation included); `latency`: False (nothing),
+    True (the defaults) or a dict of `measure_latency` options."""
     if latency is False or latency is None:
         return result
     if not (latency is True or isinstance(latency, Mapping)):
         raise ValueError(f"prune: latency must be True, False or a dict of measure_latency options, got "
                          f"{latency!r}")
     options = {"input_shape": tuple(input_shape), **({} if latency is True else latency)}
-    result.report["latency"] = measure_latency(before, (result.model, result.variables), **options)
+    start = time.perf_counter()
+    measured = measure_latency(before, (result.model, result.variables), **options)
+    result.report["latency"] = {**measured, "seconds": round(time.perf_counter() - start, 2)}
     return result
 
 

@@ -201,8 +201,8 @@ def train_phase(
 # throughput batch, `palm_jax.deploy.measure_latency`), compilation and warm-up aside: a few seconds per run.
 LATENCY_BUDGET_S = 2.0
 RECALIBRATION_IMAGES = ("the first {n} training images in the order of a permutation seeded by --seed, "
-                        "un-augmented, normalised as at evaluation, in batches of {batch_size} "
-                        "(--batch-size)")
+                        "un-augmented, normalised as at evaluation, in batches of {batch_size} (the training "
+                        "batch size)")
 
 
 def prune_trained(cfg: TrainConfig, state, dataset: Dataset, inputs: Inputs, trained_accuracy=None,

@@ -151,8 +151,8 @@ def recalibration_line(report: dict) -> str:
     done = report["recalibration"]
     what = ("BatchNorm statistics not recalibrated (--recalibrate-images 0)." if done is None else
             f"Recalibrated: the pruned model with every BatchNorm's running mean and variance re-estimated "
-            f"(palm_jax.recalibrate_bn; no parameter changes, no gradient step) on {done['which']} "
-            f"({done['seconds']:.1f} s); never on the {report['split']} split.")
+            f"in {done['seconds']:.1f} s (palm_jax.recalibrate_bn; no parameter changes, no gradient step) "
+            f"on {done['which']}; never on the {report['split']} split.")
     saved = report["saved_model"]
     if saved == "finetuned":
         start = "pruned" if done is None else "recalibrated"
