@@ -8,11 +8,12 @@
 
 How it is measured: each model's `apply(variables, x, train=False)` (an NNX module: its call in eval mode) is
 compiled ahead of time for every batch size (compilation is never timed) on the default device, with the
-variables and a standard-normal input batch already there; each model runs once as a warm-up; then the models run in rounds, one call each per round,
-the order reversed every other round, so that noise from other work on the machine hits every model alike.
-Each call is timed from dispatch to `block_until_ready()`; the median over the rounds is reported. Rounds go
-on until the batch size's share of the time budget is spent, at least `min_repeats` and at most
-`max_repeats` of them: one warm-up and `min_repeats` calls per model is the least a measurement costs.
+variables and a standard-normal input batch already there; each model runs once as a warm-up; then the models
+run in rounds, one call each per round, the order reversed every other round, so that noise from other work on
+the machine hits every model alike. Each call is timed from dispatch to `block_until_ready()`; the median over
+the rounds is reported. Rounds go on until the batch size's share of the time budget is spent, at least
+`min_repeats` and at most `max_repeats` of them: one warm-up and `min_repeats` calls per model is the least a
+measurement costs.
 """
 
 import time
