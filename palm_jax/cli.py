@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(the closest per-channel constant, no extra channel) or none (slice only)",
     )
     reprune.add_argument("--out", help="folder for the pruned model (default: RUN_DIR/pruned-<fold>)")
+    reprune.add_argument("--recalibrate-images", type=int, metavar="N",
+                         help="re-estimate the pruned model's BatchNorm statistics on N training images "
+                         "(0: not at all; default: the run's setting)")
     reprune.set_defaults(func=cmd_prune)
 
     export = commands.add_parser("export", help="write a checkpoint as a jax.export artifact to serve")
@@ -177,7 +180,8 @@ def cmd_train(args) -> int:
     acc = {k: (f"{100 * v:.2f}%" if v is not None else "-") for k, v in summary["accuracy"].items()}
     print(
         f"accuracy ({summary['split']}, {summary['headline']}): trained {acc['trained']}, sparse "
-        f"{acc['sparse']}, pruned {acc['pruned']}, fine-tuned {acc['finetuned']}; "
+        f"{acc['sparse']}, pruned {acc['pruned']}, recalibrated {acc['recalibrated']}, fine-tuned "
+        f"{acc['finetuned']}; "
         f"channels {summary['channels']['after']}/{summary['channels']['before']}"
         f", params {summary['params']['after']}/{summary['params']['before']}"
     )
@@ -314,10 +318,12 @@ def cmd_prune(args) -> int:
     if not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"{run_dir} is not a run directory of `palm_jax train` (no {CONFIG_FILE})")
     cfg, state, epoch = load_trained(run_dir, best=args.which == "best")
+    if args.recalibrate_images is not None:
+        cfg = cfg.replace(recalibrate_images=args.recalibrate_images)
     data = load_data(cfg)
     eval_data = to_eval_batches(data.eval_images, data.eval_labels, cfg.eval_batch_size)
     inputs = Inputs(None, eval_data, data.preprocess)
-    result, accuracy = prune_trained(cfg, state, data.eval_images, inputs, fold=args.fold)
+    result, accuracy = prune_trained(cfg, state, data, inputs, fold=args.fold)
     out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
     save_pruned(out, result)
     r = result.report
@@ -325,8 +331,9 @@ def cmd_prune(args) -> int:
         "run": str(run_dir), "epoch": epoch, "fold": args.fold, "split": data.eval_split,
         "accuracy": accuracy,
         **{what: {"before": r[f"{what}_before"], "after": r[f"{what}_after"]}
-           for what in ("channels", "params", "flops")},
+           for what in ("channels", "params", "flops", "flops_ns")},
         "max_logit_deviation": r["max_logit_deviation"], "carrier_channels": r["fold"]["carrier_channels"],
+        "recalibration": r["recalibration"], "latency": r["latency"],
     }
     (out / "prune.json").write_text(json.dumps(summary, indent=1) + "\n")
     shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items() if v is not None)

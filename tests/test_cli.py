@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from train_helpers import TINY_ARGS, scratch_dir, tiny_run
 
-from palm_jax import cli
+from palm_jax import cli, recalibrate_bn
 from palm_jax.pruning import load_pruned
 from palm_jax.train import TrainConfig
 from palm_jax.train.experiment import accuracy_of, load_data
@@ -60,15 +62,46 @@ def test_prune_command_refolds_a_trained_run(capsys):
         model, variables, _ = load_pruned(out)
         data = load_data(TrainConfig.load(run_dir / "config.json"))
         accuracy = accuracy_of(model, variables, data.eval_images, data.eval_labels, 100, data.preprocess)
-        assert accuracy == result["accuracy"]["pruned"]
+        assert accuracy == result["accuracy"]["recalibrated"]  # the saved model is the recalibrated one
+        assert result["latency"]["batches"]["1"]["speedup"] > 0
     # the same pruning as the run's own (before its fine-tuning), and the same sparse model for every fold
     assert results["exact"]["channels"]["after"] == report["channels"]["after"]
     assert results["exact"]["accuracy"]["sparse"] == report["accuracy"]["sparse"]
+    assert results["exact"]["accuracy"]["recalibrated"] == report["accuracy"]["recalibrated"]
     assert results["exact"]["max_logit_deviation"] < 1e-4
     assert len({json.dumps(r["accuracy"]["sparse"]) for r in results.values()}) == 1
     assert results["closest"]["carrier_channels"] == results["none"]["carrier_channels"] == 0
     assert results["closest"]["channels"]["after"] == results["none"]["channels"]["after"]
     assert results["closest"]["max_logit_deviation"] <= results["none"]["max_logit_deviation"]
+
+
+def test_prune_command_recalibrates_only_the_bn_statistics_on_training_images(capsys):
+    run_dir, _ = tiny_run()
+    cfg = TrainConfig.load(run_dir / "config.json")
+    off, on = scratch_dir("recal_off") / "pruned", scratch_dir("recal_on") / "pruned"
+    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "0", "--out", str(off)]) == 0
+    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "64", "--out", str(on)]) == 0
+    capsys.readouterr()
+    plain, recalibrated = (json.loads((path / "prune.json").read_text()) for path in (off, on))
+    assert plain["recalibration"] is None and plain["accuracy"]["recalibrated"] is None
+    assert recalibrated["recalibration"]["images"] == 64 and recalibrated["recalibration"]["batch_size"] == 32
+    assert recalibrated["accuracy"]["pruned"] == plain["accuracy"]["pruned"]
+    model, before, _ = load_pruned(off)
+    _, after, _ = load_pruned(on)
+    # bit for bit the same parameters; the statistics are recalibrate_bn's on the first 64 training images of
+    # the seeded permutation, normalised as at evaluation (the eval split plays no part)
+    jax.tree.map(np.testing.assert_array_equal, after["params"], before["params"])
+    data = load_data(cfg)
+    order = np.random.default_rng(cfg.seed).permutation(len(data.train_labels))[:64]
+    want = recalibrate_bn(model, before, data.train_images[order], batch_size=32,
+                          preprocess=data.preprocess.eval)
+    jax.tree.map(np.testing.assert_array_equal, after["batch_stats"], want["batch_stats"])
+    first_mean = lambda variables: jax.tree.leaves(variables["batch_stats"])[0]
+    assert not np.array_equal(first_mean(after), first_mean(before))
+    bad = scratch_dir("recal_bad") / "pruned"
+    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "8", "--out", str(bad)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--recalibrate-images must be 0 (off) or at least --batch-size" in error[0]
 
 
 def test_prune_command_needs_a_run_directory(tmp_path):

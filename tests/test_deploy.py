@@ -256,3 +256,25 @@ def test_latency_dict_and_table():
     assert default_batches("cpu") == (1, 64) and default_batches("cuda") == (1, 256)
     with pytest.raises(ValueError, match="batches must be positive ints"):
         measure_latency((before, None), (after, None), batches=(0,))
+
+
+def test_prune_reports_latency_only_on_request():
+    from flax import nnx
+    from test_prune_nnx import Net, sparsify
+
+    model = VGG(depth=11, widths=(8, 16, 16, 16, 16, 16, 16, 16))
+    x = images(size=32)
+    variables = perturbed(init(model, x), np.random.default_rng(0))
+    options = {"batches": (1, 2), "budget_s": 0.1, "min_repeats": 2, "max_repeats": 3}
+    assert "latency" not in prune(model, variables, probe=x).report  # off by default
+    linen = prune(model, variables, probe=x, latency=options).report
+    net = sparsify(Net(rngs=nnx.Rngs(0)), seed=3)
+    nnx_report = prune(net, probe=images(size=8), latency=options).report
+    for report in (linen, nnx_report):
+        latency = report["latency"]
+        assert set(latency["batches"]) == {"1", "2"} and latency["platform"] == "cpu"
+        for row in latency["batches"].values():
+            assert row["before_ms"] > 0 and row["after_ms"] > 0 and 2 <= row["repeats"] <= 3
+            assert row["speedup"] == pytest.approx(row["before_ms"] / row["after_ms"])
+    with pytest.raises(ValueError, match="latency must be True, False or a dict"):
+        prune(model, variables, probe=x, latency="yes")

@@ -24,4 +24,6 @@ def test_inspect_pruned_notebook_executes(monkeypatch):
     )
     assert "| params/conv0/kernel | (3, 3, 3, 4) |" in text  # the parameter table, before and after
     assert "widths after:" in text and "params:" in text
+    assert "top-1: pruned " in text and ", recalibrated " in text  # both accuracies
+    assert "| batch | unpruned (ms) | pruned (ms) | speedup |" in text  # the measured latency
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # histograms, channels, curves

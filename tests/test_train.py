@@ -70,11 +70,24 @@ def check_run(run_dir, cfg) -> dict:
         "synthetic",
         "val",
     )
-    assert set(report["accuracy"]) == {"trained", "sparse", "pruned", "finetuned"}
+    assert set(report["accuracy"]) == {"trained", "sparse", "pruned", "recalibrated", "finetuned"}
+    assert (report["accuracy"]["recalibrated"] is None) == (cfg.recalibrate_images == 0)
     assert (report["accuracy"]["sparse"] is None) == (cfg.method != "prox")
     assert (report["accuracy"]["finetuned"] is None) == (cfg.finetune_epochs == 0)
-    for what in ("channels", "params", "flops"):
+    for what in ("channels", "params", "flops", "flops_ns"):
         assert 0 < report[what]["after"] <= report[what]["before"]
+    assert set(report["flops_conventions"]) == {"flops", "flops_ns"}
+    # BN statistics re-estimated on whole batches of the training images, never on the eval split
+    train_images = len(load_data(cfg).train_labels)
+    if cfg.recalibrate_images:
+        used = min(cfg.recalibrate_images, train_images) // cfg.batch_size * cfg.batch_size
+        assert report["recalibration"]["images"] == used and report["recalibration"]["seconds"] > 0
+        assert f"the first {used} training images" in (run_dir / "report.md").read_text()
+    # the unpruned and the pruned model timed at batch 1 and the throughput batch
+    assert set(report["latency"]["batches"]) == {"1", "64"} and report["latency"]["platform"] == "cpu"
+    for row in report["latency"]["batches"].values():
+        assert row["before_ms"] > 0 and row["after_ms"] > 0 and row["speedup"] > 0
+    assert "| batch | unpruned (ms) | pruned (ms) | speedup |" in (run_dir / "report.md").read_text()
     assert report["seconds"]["total"] >= report["seconds"]["train"] > 0
     assert "| Top-1 accuracy (%, val) |" in (run_dir / "report.md").read_text()
     for name in ("scales", "channels", "curves"):
@@ -87,7 +100,6 @@ def check_run(run_dir, cfg) -> dict:
         assert set(r) >= RECORD_KEYS and all(np.isfinite(r[k]) for k in RECORD_KEYS - {"phase"})
     assert records[0]["lr"] == pytest.approx(cfg.lr)
     # every image once per epoch, the last partial batch included
-    train_images = len(load_data(cfg).train_labels)
     assert all(float(r["train_accuracy"] * train_images).is_integer() for r in records)
     # the headline is the last epoch; the best epoch is recorded beside it
     assert report["headline"] == "last epoch"
@@ -97,12 +109,15 @@ def check_run(run_dir, cfg) -> dict:
     assert (report["best_epoch"]["finetuned"] is None) == (cfg.finetune_epoch_count == 0)
     assert "Accuracies are the last epoch's. Best epoch by val" in (run_dir / "report.md").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    # the saved pruned model is the one the report measured (fine-tuned when the run fine-tuned)
+    # the saved pruned model is the one the report measured (fine-tuned when the run fine-tuned, else the
+    # recalibrated one when recalibrating)
+    assert report["saved_model"] == ("finetuned" if cfg.finetune_epochs else
+                                     "recalibrated" if cfg.recalibrate_images else "pruned")
     pruned = load_pruned(run_dir / "pruned")
     data = load_data(cfg)
     acc = accuracy_of(pruned.model, pruned.variables, data.eval_images, data.eval_labels, 500,
                       data.preprocess)
-    assert acc == report["accuracy"]["finetuned" if cfg.finetune_epochs else "pruned"]
+    assert acc == report["accuracy"][report["saved_model"]]
     return report
 
 
@@ -144,6 +159,7 @@ def test_other_methods_end_to_end(method):
         finetune_epochs=0,
         l1={"ns": 1.5, "ista": 3.0, "baseline": 0.0}[method],
         prune_percent=50.0 if method == "ns" else None,
+        recalibrate_images=0 if method == "baseline" else 3000,  # 0: off (3000: all 128 images)
     )
     run_dir = scratch_dir(method) / "run"
     run_experiment(cfg, run_dir, log=lambda *_: None)
@@ -339,6 +355,16 @@ def test_finetune_phase_rules():
     assert (tuned.epochs, tuned.lr) == (1, 0.01)
     with pytest.raises(ValueError, match="phase"):
         cfg.for_phase("pretrain")
+
+
+def test_recalibrate_images_setting_and_configs_saved_before_it(tmp_path):
+    values = tiny_config().to_dict()
+    assert values.pop("recalibrate_images") == 3000  # the default: a few thousand training images
+    (tmp_path / "config.json").write_text(json.dumps(values))  # a run saved before the setting existed
+    assert TrainConfig.load(tmp_path / "config.json").recalibrate_images == 3000
+    assert tiny_config(recalibrate_images=0).recalibrate_images == 0
+    with pytest.raises(ValueError, match="--recalibrate-images must be 0 .off. or at least --batch-size"):
+        tiny_config(recalibrate_images=8)  # fewer than one batch of 32
 
 
 SHARDED = {"widths": (4, 8, 8, 8, 8, 8, 8, 8), "batch_size": 16}

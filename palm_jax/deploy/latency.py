@@ -6,13 +6,14 @@
                             "64": {...}}}      # str keys: the dict survives a JSON round trip unchanged
     print(latency_table(latency))        # a Markdown table for report.md
 
-How it is measured: each model's `apply(variables, x, train=False)` is compiled ahead of time for every batch
-size (compilation is never timed) on the default device, with the variables and a standard-normal input batch
-already there; each model runs once as a warm-up; then the models run in rounds, one call each per round,
-the order reversed every other round, so that noise from other work on the machine hits every model alike.
-Each call is timed from dispatch to `block_until_ready()`; the median over the rounds is reported. Rounds go
-on until the batch size's share of the time budget is spent, at least `min_repeats` and at most
-`max_repeats` of them: one warm-up and `min_repeats` calls per model is the least a measurement costs.
+How it is measured: each model's `apply(variables, x, train=False)` (an NNX module: its call in eval mode) is
+compiled ahead of time for every batch size (compilation is never timed) on the default device, with the
+variables and a standard-normal input batch already there; each model runs once as a warm-up; then the models
+run in rounds, one call each per round, the order reversed every other round, so that noise from other work on
+the machine hits every model alike. Each call is timed from dispatch to `block_until_ready()`; the median over
+the rounds is reported. Rounds go on until the batch size's share of the time budget is spent, at least
+`min_repeats` and at most `max_repeats` of them: one warm-up and `min_repeats` calls per model is the least a
+measurement costs.
 """
 
 import time
@@ -32,16 +33,34 @@ def default_batches(platform: str | None = None) -> tuple[int, int]:
     return 1, THROUGHPUT_BATCH.get(platform, ACCELERATOR_THROUGHPUT_BATCH)
 
 
-def _forward(model):
-    return lambda variables, x: model.apply(variables, x, train=False)
+def _program(model, variables):
+    """(forward(state, x), state): a Linen module's `apply(variables, x, train=False)`, or an NNX module (with
+    `variables`, an `nnx.State` or None, applied onto a copy) called in eval mode."""
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        return (lambda variables, x: model.apply(variables, x, train=False)), variables
+    copy = nnx.clone(model)
+    if variables is not None:
+        nnx.update(copy, variables)
+    copy.eval()
+    graphdef, state = nnx.split(copy)
+    return (lambda state, x: nnx.merge(graphdef, state)(x)), state
+
+
+def _is_module(model) -> bool:
+    from flax import nnx
+
+    return hasattr(model, "apply") or isinstance(model, nnx.Module)
 
 
 def _check(models: Mapping, batches, budget_s, min_repeats, max_repeats) -> None:
     if not models:
         raise ValueError("time_forward: no model to time")
     for name, pair in models.items():
-        if not (isinstance(pair, tuple | list) and len(pair) == 2 and hasattr(pair[0], "apply")):
-            raise ValueError(f"time_forward: {name!r} must be a (flax module, variables) pair")
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and _is_module(pair[0])):
+            raise ValueError(f"time_forward: {name!r} must be a (flax module, variables) pair (Linen, or NNX "
+                             "with an nnx.State or None)")
     if not batches or any(int(b) != b or b < 1 for b in batches):
         raise ValueError(f"time_forward: batches must be positive ints, got {batches}")
     if not budget_s > 0 or not 1 <= min_repeats <= max_repeats:
@@ -54,7 +73,8 @@ def time_forward(models: Mapping, batches=None, *, input_shape=(32, 32, 3), budg
     """Median milliseconds of each model's jitted eval forward pass per batch size (see the module docstring).
 
     Args:
-      models: name -> (flax module, variables); `module.apply(variables, x, train=False)` is timed.
+      models: name -> (flax module, variables); `module.apply(variables, x, train=False)` is timed (an NNX
+        module: `module(x)` in eval mode, with variables, an nnx.State or None, applied onto a copy).
       batches: batch sizes (default `default_batches()`: 1 and 64 on CPU, 1 and 256 on accelerators).
       input_shape: one example's shape (NHWC without the batch axis); inputs are float32.
       budget_s: seconds of timed rounds over all batch sizes together (warm-up and compilation come on top).
@@ -73,8 +93,9 @@ def time_forward(models: Mapping, batches=None, *, input_shape=(32, 32, 3), budg
         device = next(iter(x.devices()))
         calls = {}
         for name, (model, variables) in models.items():
+            forward, variables = _program(model, variables)
             variables = jax.device_put(variables, device)
-            compiled = jax.jit(_forward(model)).lower(variables, x).compile()
+            compiled = jax.jit(forward).lower(variables, x).compile()
             calls[name] = (compiled, variables)
         for fn, v in calls.values():  # the first call of a program is slower
             _timed(fn, v, x)
@@ -111,6 +132,23 @@ def measure_latency(before, after, batches=None, **options) -> dict:
                    "repeats": entry["repeats"]}
     dtype = jnp.dtype(getattr(after[0], "dtype", None) or jnp.float32).name
     return {"device": timed["device"], "platform": timed["platform"], "dtype": dtype, "batches": rows}
+
+
+def add_latency(result, before, latency, input_shape):
+    """`palm_jax.prune`'s `latency=` option: `result` (a PruneResult) with `result.report["latency"]`, the
+    `measure_latency` of `before` (the unpruned (module, variables)) and the pruned model on inputs of
+    `input_shape`, with "seconds" (what measuring took, compilation included); `latency`: False (nothing),
+    True (the defaults) or a dict of `measure_latency` options."""
+    if latency is False or latency is None:
+        return result
+    if not (latency is True or isinstance(latency, Mapping)):
+        raise ValueError(f"prune: latency must be True, False or a dict of measure_latency options, got "
+                         f"{latency!r}")
+    options = {"input_shape": tuple(input_shape), **({} if latency is True else latency)}
+    start = time.perf_counter()
+    measured = measure_latency(before, (result.model, result.variables), **options)
+    result.report["latency"] = {**measured, "seconds": round(time.perf_counter() - start, 2)}
+    return result
 
 
 def latency_table(latency: dict) -> str:

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from palm_jax.deploy.latency import add_latency
 from palm_jax.pruning import engine, flops, widths
 from palm_jax.pruning import report as reporting
 from palm_jax.utils import first_line, leaf_path
@@ -107,7 +108,7 @@ def _analysed(model, paths, values, treedef, probe) -> Analysed:
 
 
 def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1, probe=None, fold=True,
-          exact=True, tolerance=TOLERANCE):
+          exact=True, tolerance=TOLERANCE, latency=False):
     """Remove the channels whose BatchNorm scales are zero (or small) and rebuild a smaller model.
 
     Args:
@@ -129,6 +130,9 @@ def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1,
       tolerance: with fold and exact, the largest relative deviation (max |pruned - sparse| / max |sparse|
         over the probe's logits, evaluated in float64) accepted; above it `prune` raises ValueError
         instead of returning a different model.
+      latency: True: time the jitted eval forward pass of the given and the pruned model on this device into
+        report["latency"] (`palm_jax.deploy.measure_latency`: batch 1 and the throughput batch, median ms,
+        speedup); a dict: measure_latency's options (batches, budget_s, ...). Default False (no timing).
 
     Returns:
       PruneResult(model, variables, report).
@@ -140,7 +144,7 @@ def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1,
 
         return nnx_front.prune(model, variables, threshold=threshold, percent=percent,
                                min_channels=min_channels, probe=probe, fold=fold, exact=exact,
-                               tolerance=tolerance)
+                               tolerance=tolerance, latency=latency)
     check_arguments(threshold, percent, min_channels, tolerance)
     widths.model_widths(model)  # fail early on a model outside the width protocol
     if probe is None:
@@ -176,4 +180,5 @@ def prune(model, variables=None, *, threshold=0.0, percent=None, min_channels=1,
         percent=percent, min_channels=int(min_channels), tolerance=float(tolerance), seconds=seconds,
     )
     new_variables = treedef.unflatten([jax.device_put(v) for v in plan.values])  # (no per-shape compile)
-    return PruneResult(pruned, new_variables, report)
+    result = PruneResult(pruned, new_variables, report)
+    return add_latency(result, (model, variables), latency, probe.shape[1:])

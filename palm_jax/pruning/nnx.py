@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from palm_jax.deploy.latency import add_latency
 from palm_jax.pruning import engine, flops, nnx_layers
 from palm_jax.pruning import report as reporting
 from palm_jax.pruning.api import TOLERANCE, Analysed, PruneResult, cached, check_arguments, error_line
@@ -128,7 +129,7 @@ def _analysed(model, split: Split, probe):
 
 
 def prune(model, variables=None, *, probe, threshold=0.0, percent=None, min_channels=1, fold=True, exact=True,
-          tolerance=TOLERANCE) -> PruneResult:
+          tolerance=TOLERANCE, latency=False) -> PruneResult:
     """`palm_jax.prune` for an `nnx.Module` (see the module docstring; the arguments are `prune`'s)."""
     check_arguments(threshold, percent, min_channels, tolerance)
     if probe is None:
@@ -178,4 +179,5 @@ def prune(model, variables=None, *, probe, threshold=0.0, percent=None, min_chan
         percent=percent, min_channels=int(min_channels), tolerance=float(tolerance), seconds=seconds,
     )
     report["left_alone"] = left_alone
-    return PruneResult(pruned, nnx.state(pruned), report)
+    result = PruneResult(pruned, nnx.state(pruned), report)
+    return add_latency(result, (source, None), latency, probe.shape[1:])

@@ -109,6 +109,10 @@ class TrainConfig:
         0, "fine-tune the pruned model for N epochs (0: not at all; none: as many as --epochs)"
     )
     finetune_lr: float | None = option(None, "initial learning rate of fine-tuning (none: --lr)")
+    recalibrate_images: int = option(
+        3000, "after pruning, re-estimate the BatchNorm statistics on this many training images (at most "
+        "all of them; 0: not at all); see palm_jax.recalibrate"
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -146,6 +150,10 @@ class TrainConfig:
         for name in ("train_images", "steps_per_dispatch", "finetune_lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.recalibrate_images != 0 and not (isinstance(self.recalibrate_images, int)
+                                                 and self.recalibrate_images >= self.batch_size):
+            raise ConfigError(f"--recalibrate-images must be 0 (off) or at least --batch-size "
+                              f"({self.batch_size}), got {self.recalibrate_images!r}")
         if self.finetune_epochs is not None and self.finetune_epochs < 0:
             raise ConfigError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         for name in ("l1", "weight_decay", "momentum", "warmup_epochs"):

@@ -17,6 +17,7 @@ import numpy as np
 
 import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
+from palm_jax.recalibrate import recalibrate_bn
 from palm_jax.train import report, sharding
 from palm_jax.train.checkpoint import Checkpoints
 from palm_jax.train.config import ConfigError, TrainConfig
@@ -136,7 +137,7 @@ def run_experiment(
         "sparse": None,
         "finetuned": None,
     }
-    result, scores = prune_trained(cfg, state, dataset.eval_images, inputs, accuracy["trained"])
+    result, scores = prune_trained(cfg, state, dataset, inputs, accuracy["trained"])
     accuracy.update(scores)
     if cfg.finetune_epoch_count:
         tuned = train("finetune", result.model.clone(dtype=cfg.compute_dtype), result.variables)
@@ -152,7 +153,8 @@ def run_experiment(
     except ImportError as err:
         log(f"plots skipped: {err}")
     else:
-        plots.write_all(run_dir / "plots", state.params, xi, result.report, records, dataset.eval_split)
+        plots.write_all(run_dir / "plots", state.params, xi, result.report, records, dataset.eval_split,
+                        accuracy)
     # epochs count with the time they took, also those of earlier invocations when resumed
     seconds = {
         "train": sum(r["seconds"] for r in records if r["phase"] == "train"),
@@ -195,10 +197,22 @@ def train_phase(
         checkpoints.close()
 
 
-def prune_trained(cfg: TrainConfig, state, eval_images, inputs: Inputs, trained_accuracy=None,
+# Seconds of timed rounds of the unpruned and the pruned model's eval forward pass (batch 1 and the
+# throughput batch, `palm_jax.deploy.measure_latency`), compilation and warm-up aside: a few seconds per run.
+LATENCY_BUDGET_S = 2.0
+RECALIBRATION_IMAGES = ("the first {n} training images in the order of a permutation seeded by --seed, "
+                        "un-augmented, normalised as at evaluation, in batches of {batch_size} (the training "
+                        "batch size)")
+
+
+def prune_trained(cfg: TrainConfig, state, dataset: Dataset, inputs: Inputs, trained_accuracy=None,
                   fold: str = "exact"):
     """Prune a trained state the way `cfg` says (its sparse scales: xi for prox; `cfg.prune_percent` of the
-    channels when set) and score it on `inputs.eval`: (PruneResult, {"sparse": acc or None, "pruned": acc}).
+    channels when set), re-estimate the pruned model's BatchNorm statistics on `cfg.recalibrate_images`
+    training images of `dataset` (`recalibrate`) and score it on `inputs.eval`:
+    (PruneResult with the recalibrated variables, {"sparse": acc or None, "pruned": acc, "recalibrated": acc
+    or None}). The prune report gains "latency" (`palm_jax.deploy.measure_latency` of the unpruned and the
+    pruned model) and "recalibration" ({images, batch_size, seconds, which}, None when off).
     `fold`: "exact" (carriers where padding needs them), "closest" (the closest per-channel constant) or
     "none" (slice only)."""
     if fold not in FOLDS:
@@ -208,14 +222,39 @@ def prune_trained(cfg: TrainConfig, state, eval_images, inputs: Inputs, trained_
     model, sparse = float32_apply(state.apply_fn).model, state.variables(sparse_params(state, cfg.method))
     keeps_xi = cfg.method.keeps_xi
     scores = {"sparse": top1(state.apply_fn, sparse) if keeps_xi else None}
-    probe = inputs.preprocess.eval(eval_images[:8])  # real images for the logit-deviation check
+    probe = inputs.preprocess.eval(dataset.eval_images[:8])  # real images for the logit-deviation check
     result = pruning.prune(
-        model, sparse, percent=cfg.prune_percent, probe=probe, fold=fold != "none", exact=fold == "exact"
+        model, sparse, percent=cfg.prune_percent, probe=probe, fold=fold != "none", exact=fold == "exact",
+        latency={"budget_s": LATENCY_BUDGET_S},
     )
     unchanged = result.model == model  # same widths and selections: nothing removed, the sparse model itself
     known = (scores["sparse"] if keeps_xi else trained_accuracy) if unchanged else None
     scores["pruned"] = known if known is not None else top1(Apply(result.model), result.variables)
+    result, scores["recalibrated"] = recalibrate(cfg, result, dataset.train_images, inputs.preprocess, top1)
     return result, scores
+
+
+def recalibrate(cfg: TrainConfig, result, train_images: np.ndarray, preprocess, top1):
+    """`result` with its BatchNorm statistics re-estimated by `palm_jax.recalibrate_bn` on training images
+    only (RECALIBRATION_IMAGES; none when `cfg.recalibrate_images` is 0), and its accuracy `top1(apply,
+    variables)` (None when off); result.report["recalibration"] says what was done."""
+    if not cfg.recalibrate_images:
+        result.report["recalibration"] = None
+        return result, None
+    count = min(cfg.recalibrate_images, len(train_images))
+    batches = count // cfg.batch_size
+    order = np.random.default_rng(cfg.seed).permutation(len(train_images))[: batches * cfg.batch_size]
+    start = time.perf_counter()
+    variables = jax.block_until_ready(recalibrate_bn(
+        result.model, result.variables, train_images[order], batch_size=cfg.batch_size,
+        preprocess=preprocess.eval))
+    seconds = time.perf_counter() - start
+    result.report["recalibration"] = {
+        "images": int(len(order)), "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
+        "which": RECALIBRATION_IMAGES.format(n=len(order), batch_size=cfg.batch_size),
+    }
+    result = result._replace(variables=variables)
+    return result, top1(Apply(result.model), variables)
 
 
 def save_pruned(path: Path, result) -> None:

@@ -2,7 +2,8 @@
 
 scales.png    histogram of |scale| per BatchNorm layer (and of |xi| for prox), exact zeros counted apart
 channels.png  channels per layer before and after pruning
-curves.png    loss / objective, train and eval accuracy, fraction of zero scales, per epoch
+curves.png    loss / objective, train and eval accuracy (with the pruned and the BN-recalibrated model's
+              eval accuracy after training), fraction of zero scales, per epoch
 """
 
 from pathlib import Path
@@ -20,15 +21,17 @@ MAX_PANELS = 32  # more layers than this (ResNet-164) are drawn as one layer x |
 
 
 def write_all(
-    plot_dir: Path, params, xi_params, prune_report: dict, records: list[dict], split: str
+    plot_dir: Path, params, xi_params, prune_report: dict, records: list[dict], split: str,
+    accuracy: dict | None = None,
 ) -> list[Path]:
-    """Write the three figures into `plot_dir`; `xi_params` (prox) adds |xi| to the histograms."""
+    """Write the three figures into `plot_dir`; `xi_params` (prox) adds |xi| to the histograms; `accuracy`
+    (the report's) adds the pruned and recalibrated accuracies to the curves."""
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
     return [
         scale_histograms(plot_dir / "scales.png", params, xi_params),
         channels_per_layer(plot_dir / "channels.png", prune_report),
-        curves(plot_dir / "curves.png", records, split),
+        curves(plot_dir / "curves.png", records, split, accuracy),
     ]
 
 
@@ -103,8 +106,9 @@ def channels_per_layer(path: Path, prune_report: dict) -> Path:
     return path
 
 
-def curves(path: Path, records: list[dict], split: str) -> Path:
-    """Per epoch: losses (log scale), accuracies, zero fraction; fine-tuning continues the epoch axis."""
+def curves(path: Path, records: list[dict], split: str, accuracy: dict | None = None) -> Path:
+    """Per epoch: losses (log scale), accuracies, zero fraction; fine-tuning continues the epoch axis. The
+    `accuracy` entries "pruned" and "recalibrated" (when not None) are marked at the last training epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     panels = [  # (axis, record key, colour, label)
         (0, "loss", "tab:blue", "train loss"),
@@ -123,6 +127,10 @@ def curves(path: Path, records: list[dict], split: str) -> Path:
             axes[axis].plot(
                 epochs, [r[key] for r in rs], style, color=colour, markersize=3, label=label + tag
             )
+    for key, marker, colour in (("pruned", "x", "tab:red"), ("recalibrated", "*", "tab:purple")):
+        if (accuracy or {}).get(key) is not None:
+            axes[1].plot([trained], [accuracy[key]], marker, color=colour, markersize=9,
+                         label=f"{key} ({split})")
     titles = (
         "loss (objective = loss + l1 * sum|scale|)",
         f"top-1 accuracy (train, {split})",
