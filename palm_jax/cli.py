@@ -9,7 +9,8 @@
              the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation
              hold-out) or the downloaded test split, and writes it as JSON.
     prune    RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
-             RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
+             RUN_DIR/pruned-<fold> (or --out: a new or empty folder; --force replaces an earlier pruned model
+             there, nothing else) with prune.json: accuracies, channels, params, FLOPs, deviation.
     export   CHECKPOINT --out DIR [--force]: what `eval` evaluates, as a jax.export artifact served by
              `palm_jax.load_exported(DIR)` without the model's code (palm_jax/deploy).
 
@@ -142,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="constants of removed channels: exact (carrier channels next to padding, the default), closest "
         "(the closest per-channel constant, no extra channel) or none (slice only)",
     )
-    reprune.add_argument("--out", help="folder for the pruned model (default: RUN_DIR/pruned-<fold>)")
+    reprune.add_argument("--out", help="a new or empty folder for the pruned model (default: "
+                         "RUN_DIR/pruned-<fold>); never the run directory, a folder holding it or one of its "
+                         "own")
+    reprune.add_argument("--force", action="store_true", help="replace a previous pruned model in --out (a "
+                         "folder holding anything else is never replaced)")
     reprune.set_defaults(func=cmd_prune)
 
     export = commands.add_parser("export", help="write a checkpoint as a jax.export artifact to serve")
@@ -308,18 +313,20 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from palm_jax.train.experiment import CONFIG_FILE, load_data, load_trained, prune_trained, save_pruned
     from palm_jax.train.loop import Inputs
+    from palm_jax.train.outputs import check_pruned_out
     from palm_jax.train.step import to_eval_batches
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"{run_dir} is not a run directory of `palm_jax train` (no {CONFIG_FILE})")
+    out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
+    check_pruned_out(out, replace=args.force, run_dir=run_dir)  # before any work
     cfg, state, epoch = load_trained(run_dir, best=args.which == "best")
     data = load_data(cfg)
     eval_data = to_eval_batches(data.eval_images, data.eval_labels, cfg.eval_batch_size)
     inputs = Inputs(None, eval_data, data.preprocess)
     result, accuracy = prune_trained(cfg, state, data.eval_images, inputs, fold=args.fold)
-    out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
-    save_pruned(out, result)
+    save_pruned(out, result, replace=args.force)
     r = result.report
     summary = {
         "run": str(run_dir), "epoch": epoch, "fold": args.fold, "split": data.eval_split,

@@ -1,5 +1,6 @@
 """The command line: train's last line, the eval command, one-line errors with exit status 2."""
 
+import hashlib
 import json
 import os
 import re
@@ -69,6 +70,51 @@ def test_prune_command_refolds_a_trained_run(capsys):
     assert results["closest"]["carrier_channels"] == results["none"]["carrier_channels"] == 0
     assert results["closest"]["channels"]["after"] == results["none"]["channels"]["after"]
     assert results["closest"]["max_logit_deviation"] <= results["none"]["max_logit_deviation"]
+
+
+def file_hashes(folder: Path) -> dict:
+    """{relative path: SHA-256} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prune_out_never_replaces_a_run_or_files_a_user_made(capsys):
+    """Issue 14, defect 1: `prune RUN --out RUN` replaced the run by the pruned model, exit status 0."""
+    home = scratch_dir("prune_out")
+    run_dir = home / "run"
+    shutil.copytree(tiny_run()[0], run_dir)
+    capsys.readouterr()
+    mine = home / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    before = file_hashes(home)
+    refused = [
+        ([str(run_dir)], "is the run directory"),
+        ([str(run_dir) + "/", "--force"], "is the run directory"),  # compared resolved
+        ([str(home), "--force"], "or holds it"),
+        ([str(run_dir / "checkpoints" / "7"), "--force"], "is part of the run"),
+        ([str(run_dir / "pruned"), "--force"], "is part of the run"),
+        ([str(mine)], "other files than a pruned model"),
+        ([str(mine), "--force"], "not even with --force"),
+    ]
+    for out, words in refused:
+        code = cli.main(["prune", str(run_dir), "--out", *out])
+        assert code == 2, out
+        assert_one_line_error(code, capsys.readouterr().err, words)
+    assert file_hashes(home) == before  # byte-identical: nothing deleted, nothing written
+
+    # the default folder: written, then kept unless --force (which replaces that pruned model only)
+    assert cli.main(["prune", str(run_dir)]) == 0
+    default = run_dir / "pruned-exact"
+    first = (default / "prune.json").read_text()
+    (default / "prune.json").write_text("{}")  # to tell a replaced model from a kept one
+    assert cli.main(["prune", str(run_dir)]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--force")
+    assert (default / "prune.json").read_text() == "{}"
+    assert cli.main(["prune", str(run_dir), "--force"]) == 0
+    assert (default / "prune.json").read_text() == first  # the same pruning, written again
+    assert sorted(p.name for p in default.iterdir()) == ["prune.json", "pruned_model.json", "variables"]
+    assert {k: v for k, v in file_hashes(home).items() if not k.startswith("run/pruned-exact/")} == before
 
 
 def test_prune_command_needs_a_run_directory(tmp_path):

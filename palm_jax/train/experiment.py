@@ -7,7 +7,6 @@ run_dir/pruned/                  the pruned (and fine-tuned) model, `palm_jax.lo
 run_dir/report.json, report.md   accuracies, channels, params, FLOPs, seconds; run_dir/plots/*.png
 """
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
-from palm_jax.train import report, sharding
+from palm_jax.train import outputs, report, sharding
 from palm_jax.train.checkpoint import Checkpoints
 from palm_jax.train.config import ConfigError, TrainConfig
 from palm_jax.train.loop import Inputs, fit, steps_per_epoch
@@ -218,13 +217,10 @@ def prune_trained(cfg: TrainConfig, state, eval_images, inputs: Inputs, trained_
     return result, scores
 
 
-def save_pruned(path: Path, result) -> None:
-    """`palm_jax.save_pruned` into a fresh folder, then swapped in place of `path` (a rerun replaces it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pruning.save_pruned(tmp, result)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+def save_pruned(path: Path, result, *, replace: bool = True) -> None:
+    """The pruned model into `path`: filled when absent or empty, a previous pruned model replaced when
+    `replace` (a rerun rewrites its own output); anything else there is refused (`outputs.write_pruned`)."""
+    outputs.write_pruned(path, result, replace=replace)
 
 
 def load_trained(run_dir: Path, epoch: int | None = None, *, best: bool = False, image_shape=(32, 32, 3)):
