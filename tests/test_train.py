@@ -234,6 +234,31 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint():
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
 
+def test_nan_during_fine_tuning_names_the_phase_and_its_lr_option():
+    """Issue 14, defect 4: a fine-tuning NaN said "training diverged", "no checkpoint was written yet" (the
+    training checkpoints exist) and "try a lower --lr"."""
+    state, inputs, cfg, checkpoints, metrics = loop_setup(run_dir := scratch_dir("nan_finetune"))
+    state = fit(state, inputs, cfg.replace(epochs=1), checkpoints, metrics)  # a training checkpoint exists
+    finetune = cfg.for_phase("finetune")
+    copy = lambda: jax.tree.map(jnp.copy, state)  # fit consumes the state it is given
+    poisoned = lambda: copy().replace(params=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params))
+    tuning = Checkpoints(run_dir / "checkpoints_finetune")
+    with pytest.raises(TrainingDiverged) as info:
+        fit(poisoned(), inputs, finetune, tuning, metrics, phase="finetune")
+    assert str(info.value) == (
+        "fine-tuning diverged: loss is nan at step 1 (epoch 1); no fine-tuning checkpoint was written yet "
+        "(those of the phases before it are kept); try a lower --finetune-lr"
+    )
+    fit(copy(), inputs, finetune.replace(epochs=1), tuning, metrics, phase="finetune")
+    with pytest.raises(TrainingDiverged) as info:
+        fit(poisoned(), inputs, finetune.replace(epochs=2), tuning, metrics, phase="finetune", start_epoch=1)
+    assert str(info.value) == (
+        f"fine-tuning diverged: loss is nan at step {STEPS_PER_EPOCH + 1} (epoch 2); the last good fine-tuning "
+        f"checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr"
+    )
+    assert checkpoints.all_epochs() == [1]  # training's, untouched
+
+
 def test_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
     state, inputs, cfg, checkpoints, metrics = loop_setup(scratch_dir("lines"))

@@ -23,7 +23,9 @@ MODELS = {"vgg": VGG, "resnet": PreResNet, "densenet": DenseNet}
 MODEL_ALIASES = {"preresnet": "resnet"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 XI_INITS = ("uniform",)  # besides None: xi starts as a copy of the scales
-PHASES = ("train", "finetune")
+PHASES = ("train", "finetune")  # in the order a run computes them
+PHASE_NAMES = {"train": "training", "finetune": "fine-tuning"}
+PATH_FIELDS = ("data_dir",)  # compared resolved: DATA_DIR/ and DATA_DIR are the same folder
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("steps_per_dispatch", "keep_checkpoints")
@@ -238,11 +240,18 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def resume_mismatch(self, saved: "TrainConfig") -> list[str]:
-        """Fields that differ from the saved run's config in a way that changes the computation."""
+        """Fields that differ from the saved run's config in a way that changes the computation (paths
+        compared resolved)."""
+        def same(name, now, then) -> bool:
+            if name in PATH_FIELDS and now is not None and then is not None:
+                return Path(now).resolve() == Path(then).resolve()
+            return now == then
+
         return [
             f"{f.name}: saved {getattr(saved, f.name)!r}, now {getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE_CHANGES and getattr(self, f.name) != getattr(saved, f.name)
+            if f.name not in RESUMABLE_CHANGES
+            and not same(f.name, getattr(self, f.name), getattr(saved, f.name))
         ]
 
 

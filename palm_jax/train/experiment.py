@@ -17,8 +17,8 @@ import numpy as np
 import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
 from palm_jax.train import outputs, report, sharding
-from palm_jax.train.checkpoint import Checkpoints
-from palm_jax.train.config import ConfigError, TrainConfig
+from palm_jax.train.checkpoint import Checkpoints, set_aside
+from palm_jax.train.config import PHASE_NAMES, PHASES, ConfigError, TrainConfig
 from palm_jax.train.loop import Inputs, fit, steps_per_epoch
 from palm_jax.train.metrics import MetricsWriter, read_metrics
 from palm_jax.train.state import (
@@ -56,22 +56,36 @@ def checkpoint_dir(run_dir: Path, phase: str) -> Path:
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    """Create `run_dir`, or check that `--resume` continues the same experiment; write config.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / CONFIG_FILE
-    has_checkpoints = any((run_dir / "checkpoints").glob("[0-9]*"))
-    if not resume and has_checkpoints:
+    """Check that `run_dir` may hold the run `cfg`; writes nothing (`record_config` does, when training
+    starts). A folder with checkpoints is a run: continued only with `resume` and the same options (paths
+    compared resolved). Without checkpoints nothing ran: a config.json left by an attempt that failed before
+    its first step binds nothing. A folder holding other files than a run's is refused."""
+    has_checkpoints = any(any(checkpoint_dir(run_dir, phase).glob("[0-9]*")) for phase in PHASES)
+    if not has_checkpoints:
+        ours = lambda name: name in outputs.RUN_ENTRIES or name.startswith(("checkpoints", "."))
+        foreign = sorted(p.name for p in run_dir.iterdir() if not ours(p.name)) if run_dir.is_dir() else []
+        if foreign:
+            raise RunDirError(f"{run_dir} holds other files than a run ({', '.join(foreign[:3])}); choose "
+                              "a new or empty --out")
+        return
+    if not resume:
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
-    if resume and config_path.exists():
+    config_path = run_dir / CONFIG_FILE
+    if config_path.exists():
         mismatch = cfg.resume_mismatch(TrainConfig.load(config_path))
         if mismatch:
             raise RunDirError(
                 f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
                 "pass the same options or choose another --out"
             )
-    cfg.save(config_path)
+
+
+def record_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Create `run_dir` and write config.json: the run has started (see `prepare_run_dir`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_FILE)
 
 
 def run_experiment(
@@ -123,10 +137,11 @@ def run_experiment(
         start = time.perf_counter()
         try:
             return train_phase(cfg, phase, model, variables, inputs, run_dir, resume=resume,
-                               callback=callback)
+                               callback=callback, log=log)
         finally:
             in_fit += time.perf_counter() - start
 
+    record_config(cfg, run_dir)
     state = train("train", model, variables)
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
@@ -171,9 +186,13 @@ def train_phase(
     *,
     resume: bool = False,
     callback: Callable[[int, int], None] | None = None,
+    log=print,
 ):
     """Train `model` from `variables` for phase `phase` of the run `cfg` (its settings: `cfg.for_phase`),
-    resuming from this phase's latest checkpoint if asked; returns the final train state."""
+    resuming from this phase's latest intact checkpoint if asked (and saying so); returns the final state.
+
+    A phase that (re)trains any epoch makes what the later phases computed from it stale: their checkpoints
+    are moved aside (`checkpoints_<phase>.stale`) and their metrics dropped, so they run again after it."""
     phase_cfg = cfg.for_phase(phase)
     tx = make_optimizer(phase_cfg, steps_per_epoch(int(inputs.train.labels.shape[0]), cfg.batch_size))
     state = create_train_state(model, tx, variables, phase_cfg.seed)
@@ -182,9 +201,17 @@ def train_phase(
     if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore(state)
         start = int(meta["epoch"])
+        log(f"resuming {PHASE_NAMES[phase]} from epoch {start} of {phase_cfg.epochs} "
+            f"({checkpoints.directory / str(start)})")
+    later = PHASES[PHASES.index(phase) + 1:] if start < phase_cfg.epochs else ()
+    for stale in (checkpoint_dir(run_dir, p) for p in later):
+        if stale.is_dir() and any(stale.iterdir()) and jax.process_index() == 0:
+            moved = set_aside(stale, "stale")
+            log(f"note: {PHASE_NAMES[phase]} runs again from epoch {start + 1}: moved the checkpoints made "
+                f"from the earlier one to {moved.name}")
     if inputs.mesh is not None:
         state = sharding.replicate(state, inputs.mesh)
-    metrics = MetricsWriter(run_dir, keep_until=(phase, start))
+    metrics = MetricsWriter(run_dir, keep_until=(phase, start), drop=later)
     meta = {"phase": phase, "config": cfg.to_dict()}
     try:
         return fit(state, inputs, phase_cfg, checkpoints, metrics, phase=phase, start_epoch=start, meta=meta,

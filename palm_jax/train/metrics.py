@@ -25,17 +25,19 @@ def read_metrics(run_dir: Path, phase: str | None = None) -> list[dict]:
 
 class MetricsWriter:
     """Appends epoch records; `keep_until=(phase, epoch)` first drops that phase's records after `epoch` (the
-    epochs a resumed run redoes)."""
+    epochs a resumed run redoes) and every record of the phases in `drop` (later phases that are redone
+    too), so that the file stays in the order the run computes."""
 
-    def __init__(self, run_dir: Path, keep_until: tuple[str, int] | None = None):
+    def __init__(self, run_dir: Path, keep_until: tuple[str, int] | None = None, drop: tuple[str, ...] = ()):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         if keep_until is not None:
-            self._truncate(*keep_until)
+            self._truncate(*keep_until, drop)
         self._tb = _tensorboard_writer(self.run_dir / "tensorboard")
 
-    def _truncate(self, phase: str, epoch: int) -> None:
-        keep = [r for r in read_metrics(self.run_dir) if r["phase"] != phase or r["epoch"] <= epoch]
+    def _truncate(self, phase: str, epoch: int, drop: tuple[str, ...]) -> None:
+        keep = [r for r in read_metrics(self.run_dir)
+                if r["phase"] not in drop and (r["phase"] != phase or r["epoch"] <= epoch)]
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
