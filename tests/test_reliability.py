@@ -98,11 +98,22 @@ def test_latest_skips_a_corrupt_checkpoint_and_an_explicit_one_is_refused(fault,
 
 
 def test_resume_past_a_truncated_checkpoint_equals_the_uninterrupted_run(capfd):
+    """Also issue 14, defect 6: the run says where it resumes, the redone training epoch makes the old
+    fine-tuning checkpoints stale (set aside, not reused) and metrics.jsonl stays in the order computed."""
     reference = tiny_run()[0]
     run_dir, bad = corrupt_copy(truncated, "resume_truncated")
     truncated_bytes = (run_dir / "checkpoints" / "2" / bad).read_bytes()
+    (run_dir / "checkpoints_finetune" / "made_before").write_text("")  # tells the old folder from a new one
     cfg = TrainConfig.load(run_dir / "config.json")
-    run_experiment(cfg, run_dir, resume=True, log=lambda *_: None)
+    lines = []
+    run_experiment(cfg, run_dir, resume=True, log=lines.append)
+    assert [line for line in lines if not line.startswith("data:")] == [
+        f"resuming training from epoch 1 of 2 ({run_dir / 'checkpoints' / '1'})",
+        "note: training runs again from epoch 2: moved the checkpoints made from the earlier one to "
+        "checkpoints_finetune.stale",
+    ]
+    assert not (run_dir / "checkpoints_finetune" / "made_before").exists()
+    assert (run_dir / "checkpoints_finetune.stale" / "made_before").exists()
 
     err = capfd.readouterr().err
     assert f"warning: skipping checkpoint {run_dir / 'checkpoints' / '2'}: {bad} is truncated" in err
@@ -110,11 +121,8 @@ def test_resume_past_a_truncated_checkpoint_equals_the_uninterrupted_run(capfd):
     (_, want, _), (_, got, _) = load_trained(reference, 2), load_trained(run_dir, 2)
     assert_same_trees(got.checkpoint_tree(), want.checkpoint_tree())
     assert_same_trees(load_pruned(run_dir / "pruned").variables, load_pruned(reference / "pruned").variables)
-    # the same records; their order is not yet (the redone epoch 2 is appended after the fine-tuning record:
-    # issue 14's "a redone phase invalidates the phases after it", in experiment.py / metrics.py)
-    strip = lambda records: sorted(
-        json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) for r in records
-    )
+    # the same records in the same order: training 1, 2, fine-tuning 1
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert strip(read_metrics(run_dir)) == strip(read_metrics(reference))
     report, want_report = (json.loads((d / "report.json").read_text()) for d in (run_dir, reference))
     assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in want_report.items()
@@ -122,6 +130,54 @@ def test_resume_past_a_truncated_checkpoint_equals_the_uninterrupted_run(capfd):
     # epoch 2 written again and sealed; the corrupt one moved aside as it was, not deleted
     assert check(run_dir / "checkpoints" / "2") == Check(None, True)
     assert (run_dir / "checkpoints" / "2.corrupt" / bad).read_bytes() == truncated_bytes
+
+    # resuming the finished run: each phase says where it resumes, nothing is redone or set aside
+    records, lines = read_metrics(run_dir), []
+    run_experiment(cfg, run_dir, resume=True, log=lines.append)
+    assert [line for line in lines if not line.startswith("data:")] == [
+        f"resuming training from epoch 2 of 2 ({run_dir / 'checkpoints' / '2'})",
+        f"resuming fine-tuning from epoch 1 of 1 ({run_dir / 'checkpoints_finetune' / '1'})",
+    ]
+    assert read_metrics(run_dir) == records
+    assert sorted(p.name for p in run_dir.glob("checkpoints*")) == [
+        "checkpoints", "checkpoints_finetune", "checkpoints_finetune.stale"]
+
+
+def test_a_run_that_failed_before_training_can_be_rerun_with_corrected_options(tmp_path, capsys):
+    """Issue 14, defect 3: missing data left config.json, and the corrected rerun (make's --resume) was
+    refused as "run with other options"; a trailing slash on DATA_DIR was another option too."""
+    from palm_jax import cli
+    from palm_jax.train.experiment import RunDirError, prepare_run_dir
+
+    out = tmp_path / "run"
+    missing = tmp_path / "no-such-data"
+    assert cli.main(["train", "--recipe", "demo", "--dataset", "cifar10", "--data-dir", str(missing), "--out",
+                     str(out), "--resume"]) == 2
+    assert "train.npz does not exist" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    corrected = TrainConfig.load(tiny_run()[0] / "config.json")
+    prepare_run_dir(corrected, out, resume=True)  # nothing there binds the corrected run
+    # a config.json without checkpoints (left by an earlier palm_jax, or a run stopped before its first
+    # checkpoint) binds nothing either
+    out.mkdir(exist_ok=True)
+    corrected.replace(epochs=7).save(out / "config.json")
+    prepare_run_dir(corrected, out, resume=True)
+
+    # with checkpoints the options must match, paths compared resolved
+    data = tmp_path / "data"
+    run = tmp_path / "started"
+    (run / "checkpoints" / "1").mkdir(parents=True)
+    corrected.replace(dataset="cifar10", data_dir=str(data) + "/").save(run / "config.json")
+    for same in (str(data), str(data) + "/", str(tmp_path / "." / "data")):
+        prepare_run_dir(corrected.replace(dataset="cifar10", data_dir=same), run, resume=True)
+    with pytest.raises(RunDirError, match="was run with other options .data_dir: saved"):
+        prepare_run_dir(corrected.replace(dataset="cifar10", data_dir=str(tmp_path)), run, resume=True)
+    with pytest.raises(RunDirError, match="pass --resume"):
+        prepare_run_dir(corrected.replace(dataset="cifar10", data_dir=str(data)), run, resume=False)
+    # a folder of other files is not a run to write into
+    (tmp_path / "notes.txt").write_text("a user's file")
+    with pytest.raises(RunDirError, match=r"holds other files than a run \(.*notes.txt"):
+        prepare_run_dir(corrected, tmp_path, resume=True)
 
 
 def test_eval_of_a_corrupt_checkpoint_prints_one_line(tmp_path):

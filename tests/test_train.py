@@ -253,8 +253,8 @@ def test_nan_during_fine_tuning_names_the_phase_and_its_lr_option():
     with pytest.raises(TrainingDiverged) as info:
         fit(poisoned(), inputs, finetune.replace(epochs=2), tuning, metrics, phase="finetune", start_epoch=1)
     assert str(info.value) == (
-        f"fine-tuning diverged: loss is nan at step {STEPS_PER_EPOCH + 1} (epoch 2); the last good fine-tuning "
-        f"checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr"
+        f"fine-tuning diverged: loss is nan at step {STEPS_PER_EPOCH + 1} (epoch 2); the last good "
+        f"fine-tuning checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr"
     )
     assert checkpoints.all_epochs() == [1]  # training's, untouched
 
