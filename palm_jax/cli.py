@@ -368,6 +368,16 @@ def user_errors() -> tuple:
     )
 
 
+def explained(err: Exception, args) -> str:
+    """The error's first line; a setting of `train` or `recipes` worded as the user gave it or the recipe
+    set it (`ConfigError.explain`)."""
+    from palm_jax.train import ConfigError
+
+    if isinstance(err, ConfigError) and args.command in ("train", "recipes"):
+        return first_line(ValueError(err.explain(set(given_settings(args)))))
+    return first_line(err)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("PALM_JAX_DEBUG", "") not in ("", "0")
@@ -386,7 +396,7 @@ def main(argv=None) -> int:
 
         if debug or not isinstance(err, (*user_errors(), TrainingDiverged)):
             raise
-        print(f"palm_jax {args.command}: error: {first_line(err)}", file=sys.stderr)
+        print(f"palm_jax {args.command}: error: {explained(err, args)}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from train_helpers import TINY_ARGS, scratch_dir, tiny_run
 
@@ -180,6 +181,38 @@ def test_resume_with_other_options_and_foreign_checkpoints_are_one_line(capsys):
     (foreign / "config.json").write_text(json.dumps({**config, "widths": [8] * 8}))
     assert cli.main(["eval", str(foreign)]) == 2
     assert_one_line_error(2, capsys.readouterr().err, "does not fit")
+
+
+def test_messages_name_only_what_the_user_gave_or_the_recipe_set(tmp_path, monkeypatch, capsys):
+    """Issue 14, defect 5: "--train-images (3000)" / "train_images=3000" when the user gave no such option
+    (the demo recipe sets it), and a "validation hold-out" when test.npz is the eval split."""
+    from test_data import _smooth_images, _write_npz
+
+    monkeypatch.setenv("PALM_JAX_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--recipe", "demo", "--batch-size", "4000", "--out", out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "palm_jax train: error: --batch-size 4000 exceeds the recipe's 3,000 training images; set "
+        "TRAIN_IMAGES= (or --train-images)"]
+    assert cli.main(["train", "--recipe", "demo", "--train-images", "32", "--out", out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "palm_jax train: error: the recipe's batch size 64 exceeds --train-images 32; set BATCH= (or "
+        "--batch-size)"]
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_npz(data / "train.npz", _smooth_images(40, seed=0), np.arange(40) % 10)
+    _write_npz(data / "test.npz", _smooth_images(10, seed=1), np.arange(10) % 10)
+    demo = ["train", "--recipe", "demo", "--dataset", "cifar10", "--data-dir", str(data), "--out", out]
+    assert cli.main(demo) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"palm_jax train: error: the recipe's 3,000 training images asked for, but {data} has 40 training "
+        "images; set TRAIN_IMAGES= (or --train-images)")  # test.npz is the eval split: nothing held out
+    (data / "test.npz").unlink()  # then the last 5,000 training images are held out: too few here
+    assert cli.main(demo) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"palm_jax train: error: {data / 'train.npz'} has 40 images and no test.npz beside it: too few to "
+        "hold out the last 5,000 for validation; add a test.npz")
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing recorded
 
 
 def test_recipes_command_lists_and_resolves(capsys):

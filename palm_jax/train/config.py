@@ -31,8 +31,39 @@ PATH_FIELDS = ("data_dir",)  # compared resolved: DATA_DIR/ and DATA_DIR are the
 RESUMABLE_CHANGES = ("steps_per_dispatch", "keep_checkpoints")
 
 
+# the Makefile variable of each setting that has one (Makefile: train_args), and how a value is worded
+MAKE_VARIABLES = {
+    "data_dir": "DATA_DIR", "epochs": "EPOCHS", "batch_size": "BATCH", "train_images": "TRAIN_IMAGES"
+}
+SETTING_WORDS = {"train_images": "{:,} training images", "batch_size": "batch size {}", "epochs": "{} epochs"}
+
+
 class ConfigError(ValueError):
-    """A bad option; the message names it and says what is allowed."""
+    """A bad option; the message names it and says what is allowed.
+
+    `settings` ({field: value}) are the TrainConfig fields the message is about; for each, `message` holds
+    `{field}`, written as the option and its value (`--batch-size 64`), or by `explain(given)` the way the
+    setting was made: given on the command line, or set by the recipe ("the recipe's 3,000 training images;
+    set TRAIN_IMAGES= (or --train-images)")."""
+
+    def __init__(self, message: str, settings: dict | None = None):
+        self.template, self.settings = message, dict(settings or {})
+        super().__init__(self.explain())
+
+    def explain(self, given=None) -> str:
+        """The message; `given`: the fields set on the command line (None: unknown, every setting is written
+        as its option); the others are the recipe's, named with how to set them."""
+        text, fixes = self.template, []
+        for name, value in self.settings.items():
+            if given is None or name in given:
+                shown = f"{_flag(name)} {value}"
+            else:
+                words = SETTING_WORDS.get(name, name.replace("_", " ") + " {}")
+                shown = "the recipe's " + words.format(value)
+                make = MAKE_VARIABLES.get(name)
+                fixes.append(f"set {make}= (or {_flag(name)})" if make else f"set {_flag(name)}")
+            text = text.replace("{" + name + "}", shown)
+        return text + "".join(f"; {fix}" for fix in fixes)
 
 
 def option(default, help: str, **metadata):
@@ -171,9 +202,8 @@ class TrainConfig:
         if any(not 0 < f < 1 for f in self.lr_drops):
             raise ConfigError(f"--lr-drops must be fractions of training in (0, 1), got {self.lr_drops}")
         if self.train_images is not None and self.train_images < self.batch_size:
-            raise ConfigError(
-                f"--train-images ({self.train_images}) must be at least --batch-size ({self.batch_size})"
-            )
+            raise ConfigError("{batch_size} exceeds {train_images}",
+                              {"batch_size": self.batch_size, "train_images": self.train_images})
 
     @property
     def compute_dtype(self):

@@ -16,6 +16,7 @@ import numpy as np
 
 import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
+from palm_jax.data.sources import first_train_images
 from palm_jax.train import outputs, report, sharding
 from palm_jax.train.checkpoint import Checkpoints, set_aside
 from palm_jax.train.config import PHASE_NAMES, PHASES, ConfigError, TrainConfig
@@ -47,7 +48,14 @@ def load_data(cfg: TrainConfig) -> Dataset:
         return synthetic_dataset(
             num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
         )
-    return load_dataset(cfg.dataset, cfg.data_dir, train_images=cfg.train_images)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    available = len(dataset.train_labels)
+    if cfg.train_images is not None and cfg.train_images > available:
+        held = (f" (after holding out the last {len(dataset.eval_labels):,} for validation: there is no "
+                "test.npz)" if dataset.eval_split == "val" else "")
+        raise ConfigError(f"{{train_images}} asked for, but {cfg.data_dir or cfg.dataset} has {available:,} "
+                          f"training images{held}", {"train_images": cfg.train_images})
+    return first_train_images(dataset, cfg.train_images)
 
 
 def checkpoint_dir(run_dir: Path, phase: str) -> Path:
@@ -108,9 +116,8 @@ def run_experiment(
     prepare_run_dir(cfg, run_dir, resume)
     dataset = load_data(cfg)
     if len(dataset.train_labels) < cfg.batch_size:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} exceeds the {len(dataset.train_labels)} training images"
-        )
+        raise ConfigError(f"{{batch_size}} exceeds the {len(dataset.train_labels):,} training images",
+                          {"batch_size": cfg.batch_size})
     inputs = Inputs(to_device(dataset.train_images, dataset.train_labels),
                     to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size),
                     dataset.preprocess)
