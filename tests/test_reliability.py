@@ -242,3 +242,28 @@ def test_retention_never_deletes_the_last_intact_checkpoint(monkeypatch):
     checkpoints.save(4, state, {}, {"eval_accuracy": 1.0})
     checkpoints.close()
     assert Checkpoints(directory, read_only=True).all_epochs() == [4]
+
+
+def test_a_runs_pruned_folder_is_replaced_only_when_it_holds_a_pruned_model(tmp_path):
+    """Issue 14, defect 1 (train's side): the run's pruned/ was deleted whatever it held before the new model
+    was written."""
+    from palm_jax.train.experiment import save_pruned
+    from palm_jax.train.outputs import OutputError
+
+    result = load_pruned(tiny_run()[0] / "pruned")
+    mine = tmp_path / "pruned"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(OutputError, match="holds other files than a pruned model"):
+        save_pruned(mine, result)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no temporary folder left behind
+
+    previous = tmp_path / "previous"
+    shutil.copytree(tiny_run()[0] / "pruned", previous)
+    (previous / "eval.json").write_text("{}")  # what `eval` writes beside a pruned model
+    save_pruned(previous, result)  # a rerun rewrites its own output
+    assert not (previous / "eval.json").exists()
+    assert_same_trees(load_pruned(previous).variables, result.variables)
+    with pytest.raises(OutputError, match="pass --force"):
+        save_pruned(previous, result, replace=False)

@@ -55,8 +55,9 @@ def check_pruned_out(out: Path, *, replace: bool, run_dir: Path | None = None) -
     if is_empty(target):
         return
     if not is_pruned_model(target):
-        raise OutputError(f"--out {out} exists and holds other files than a pruned model; nothing there is "
-                          "replaced (not even with --force): choose a new or empty folder")
+        raise OutputError(f"{out} holds other files than a pruned model; palm_jax replaces only a folder "
+                          "holding nothing but a pruned model (with or without --force): choose a new or "
+                          "empty folder")
     if not replace:
         raise OutputError(f"--out {out} already holds a pruned model; pass --force to replace it, or choose "
                           "another --out")
