@@ -1,7 +1,8 @@
 """One experiment from data to report: train (or resume), read the sparse scales, prune, fine-tune, report.
 
-run_dir/config.json              the TrainConfig (checked against on --resume)
-run_dir/checkpoints/<epoch>/     Orbax, last k + best; run_dir/checkpoints_finetune/ for fine-tuning
+run_dir/config.json              the TrainConfig, written when training starts (checked against on --resume)
+run_dir/checkpoints/<epoch>/     Orbax, last k + best; run_dir/checkpoints_finetune/ for fine-tuning (set
+                                 aside as checkpoints_finetune.stale when training redoes an epoch)
 run_dir/metrics.jsonl            one record per epoch (+ run_dir/tensorboard/ when tensorboard is installed)
 run_dir/pruned/                  the pruned (and fine-tuned) model, `palm_jax.load_pruned`-able
 run_dir/report.json, report.md   accuracies, channels, params, FLOPs, seconds; run_dir/plots/*.png
