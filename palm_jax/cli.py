@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from palm_jax import recipes
-from palm_jax.utils import abstract_variables, first_line
+from palm_jax.utils import abstract_variables, atomic_write, first_line
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="which checkpoint of a run directory (default: latest)",
     )
     evaluate.add_argument("--batch-size", type=int, default=500, help="eval batch size")
-    evaluate.add_argument("--out", help="JSON file for the result (default: eval.json beside the checkpoint)")
+    evaluate.add_argument("--out", help="JSON file for the result (default: eval.json beside the "
+                          "checkpoint); an existing file is replaced only when it is an earlier result")
     evaluate.set_defaults(func=cmd_eval)
 
     reprune = commands.add_parser("prune", help="prune a trained run's checkpoint again, e.g. another --fold")
@@ -256,6 +257,7 @@ def cmd_eval(args) -> int:
     from palm_jax.pruning import load_pruned
     from palm_jax.train import TrainConfig
     from palm_jax.train.experiment import CONFIG_FILE, accuracy_of, load_data, load_trained
+    from palm_jax.train.outputs import is_eval_result
     from palm_jax.train.state import sparse_params
 
     path = Path(args.checkpoint)
@@ -271,6 +273,10 @@ def cmd_eval(args) -> int:
         raise UsageError(
             f"{path} is neither a run directory (no {CONFIG_FILE}) nor a pruned model (no pruned_model.json)"
         )
+    out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
+    if out.exists() and not is_eval_result(out):
+        raise UsageError(f"--out {out} exists and is not a result of `eval`; nothing else is overwritten: "
+                         "choose another --out")
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise UsageError("--dataset is needed: this pruned model has no run config beside it")
@@ -303,8 +309,7 @@ def cmd_eval(args) -> int:
         result["accuracy"] = top1(state.variables())
         if cfg.method.keeps_xi:
             result["accuracy_sparse"] = top1(state.variables(sparse_params(state, cfg.method)))
-    out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(out, json.dumps(result, indent=1) + "\n")
     print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {len(labels)} {split} images of {source}")
     print(f"eval: {out}")
     return 0

@@ -102,6 +102,8 @@ def test_prune_out_never_replaces_a_run_or_files_a_user_made(capsys):
         code = cli.main(["prune", str(run_dir), "--out", *out])
         assert code == 2, out
         assert_one_line_error(code, capsys.readouterr().err, words)
+    assert cli.main(["eval", str(run_dir), "--out", str(mine / "notes.txt")]) == 2  # eval's --out: a file
+    assert_one_line_error(2, capsys.readouterr().err, "is not a result of `eval`")
     assert file_hashes(home) == before  # byte-identical: nothing deleted, nothing written
 
     # the default folder: written, then kept unless --force (which replaces that pruned model only)

@@ -1,11 +1,13 @@
-"""Where a pruned model may be written without destroying anything a user made.
+"""Where the commands may write without destroying anything a user made.
 
 A folder is replaced only when it holds nothing but a palm_jax pruned model (`pruned_model.json`,
 `variables/`, and the `prune.json` / `eval.json` the commands write beside them); an absent or empty one is
 filled. A run directory, a folder holding one, and the run's own files and folders (its checkpoints, its
 `pruned/` model that report.json describes, ...) are never a target of `prune --out`, whatever the options.
+`eval` replaces only a file that is an earlier result of `eval`.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +30,15 @@ def is_pruned_model(path: Path) -> bool:
     """Whether `path` is a folder holding a pruned model and nothing else (see PRUNED_ENTRIES)."""
     path = Path(path)
     return (path / META).is_file() and all(p.name in PRUNED_ENTRIES for p in path.iterdir())
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether `path` is a JSON file written by `palm_jax eval` (which replaces only such a file)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and {"checkpoint", "accuracy", "split"} <= value.keys()
 
 
 def is_empty(path: Path) -> bool:
