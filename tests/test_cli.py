@@ -92,7 +92,7 @@ def test_prune_out_never_replaces_a_run_or_files_a_user_made(capsys):
     refused = [
         ([str(run_dir)], "is the run directory"),
         ([str(run_dir) + "/", "--force"], "is the run directory"),  # compared resolved
-        ([str(home), "--force"], "or holds it"),
+        ([str(home), "--force"], "holds the run directory"),
         ([str(run_dir / "checkpoints" / "7"), "--force"], "is part of the run"),
         ([str(run_dir / "pruned"), "--force"], "is part of the run"),
         ([str(mine)], "other files than a pruned model"),

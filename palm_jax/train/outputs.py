@@ -54,15 +54,16 @@ def check_pruned_out(out: Path, *, replace: bool, run_dir: Path | None = None) -
     if run_dir is not None:
         run = Path(run_dir).resolve()
         if target == run or target in run.parents:
-            raise OutputError(f"--out {out} is the run directory {run_dir} or holds it; a run is never "
-                              "replaced by a pruned model: choose another --out")
+            what = "is the run directory" if target == run else "holds the run directory"
+            raise OutputError(f"--out {out} {what} {run_dir}; a run is never replaced by a pruned model: "
+                              "choose another --out")
         if run in target.parents:
             inside = target.relative_to(run).parts
             if len(inside) > 1 or inside[0] in RUN_ENTRIES or inside[0].startswith("checkpoints"):
                 raise OutputError(f"--out {out} is part of the run {run_dir} ({inside[0]}); choose a new "
                                   "folder, e.g. the default RUN_DIR/pruned-<fold>")
     if target.exists() and not target.is_dir():
-        raise OutputError(f"--out {out} is a file; choose a folder")
+        raise OutputError(f"{out} is a file; choose a folder")
     if is_empty(target):
         return
     if not is_pruned_model(target):
@@ -70,7 +71,7 @@ def check_pruned_out(out: Path, *, replace: bool, run_dir: Path | None = None) -
                           "holding nothing but a pruned model (with or without --force): choose a new or "
                           "empty folder")
     if not replace:
-        raise OutputError(f"--out {out} already holds a pruned model; pass --force to replace it, or choose "
+        raise OutputError(f"{out} already holds a pruned model; pass --force to replace it, or choose "
                           "another --out")
 
 
