@@ -109,7 +109,7 @@ def test_resume_past_a_truncated_checkpoint_equals_the_uninterrupted_run(capfd):
     run_experiment(cfg, run_dir, resume=True, log=lines.append)
     assert [line for line in lines if not line.startswith("data:")] == [
         f"resuming training from epoch 1 of 2 ({run_dir / 'checkpoints' / '1'})",
-        "note: training runs again from epoch 2: moved the checkpoints made from the earlier one to "
+        "note: training runs again from epoch 2: moved the fine-tuning checkpoints to "
         "checkpoints_finetune.stale",
     ]
     assert not (run_dir / "checkpoints_finetune" / "made_before").exists()
@@ -267,3 +267,24 @@ def test_a_runs_pruned_folder_is_replaced_only_when_it_holds_a_pruned_model(tmp_
     assert_same_trees(load_pruned(previous).variables, result.variables)
     with pytest.raises(OutputError, match="pass --force"):
         save_pruned(previous, result, replace=False)
+
+
+def test_resume_with_other_fine_tuning_settings_reuses_training_and_redoes_fine_tuning():
+    """Issue 14, defect 4's advice: after a fine-tuning divergence, `--resume --finetune-lr LOWER` continues
+    from the training checkpoints (it was refused as "run with other options"); the old fine-tuning is set
+    aside and done again with the new settings."""
+    reference = tiny_run()[0]
+    run_dir = scratch_dir("finetune_lr") / "run"
+    shutil.copytree(reference, run_dir)
+    cfg = TrainConfig.load(run_dir / "config.json")
+    lines = []
+    run_experiment(cfg.replace(finetune_lr=cfg.finetune_lr / 2), run_dir, resume=True, log=lines.append)
+    assert [line for line in lines if not line.startswith("data:")] == [
+        "note: finetune_lr changed: moved the fine-tuning checkpoints to checkpoints_finetune.stale",
+        f"resuming training from epoch 2 of 2 ({run_dir / 'checkpoints' / '2'})",
+    ]
+    old, new = read_metrics(reference), read_metrics(run_dir)
+    assert [(r["phase"], r["epoch"]) for r in new] == [("train", 1), ("train", 2), ("finetune", 1)]
+    assert new[:2] == old[:2]  # training reused as it was
+    assert new[2]["lr"] == old[2]["lr"] / 2 and new[2]["loss"] != old[2]["loss"]
+    assert TrainConfig.load(run_dir / "config.json").finetune_lr == cfg.finetune_lr / 2

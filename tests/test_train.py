@@ -247,14 +247,16 @@ def test_nan_during_fine_tuning_names_the_phase_and_its_lr_option():
         fit(poisoned(), inputs, finetune, tuning, metrics, phase="finetune")
     assert str(info.value) == (
         "fine-tuning diverged: loss is nan at step 1 (epoch 1); no fine-tuning checkpoint was written yet "
-        "(those of the phases before it are kept); try a lower --finetune-lr"
+        "(those of the phases before it are kept); try a lower --finetune-lr (a --resume reuses the training "
+        "checkpoints)"
     )
     fit(copy(), inputs, finetune.replace(epochs=1), tuning, metrics, phase="finetune")
     with pytest.raises(TrainingDiverged) as info:
         fit(poisoned(), inputs, finetune.replace(epochs=2), tuning, metrics, phase="finetune", start_epoch=1)
     assert str(info.value) == (
         f"fine-tuning diverged: loss is nan at step {STEPS_PER_EPOCH + 1} (epoch 2); the last good "
-        f"fine-tuning checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr"
+        f"fine-tuning checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr (a --resume "
+        "reuses the training checkpoints)"
     )
     assert checkpoints.all_epochs() == [1]  # training's, untouched
 

@@ -29,6 +29,9 @@ PATH_FIELDS = ("data_dir",)  # compared resolved: DATA_DIR/ and DATA_DIR are the
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("steps_per_dispatch", "keep_checkpoints")
+# Fields that change only what follows training (pruning, fine-tuning): a --resume that changes them reuses
+# the training checkpoints and redoes the rest.
+AFTER_TRAINING = ("prune_percent", "finetune_epochs", "finetune_lr")
 
 
 # the Makefile variable of each setting that has one (Makefile: train_args), and how a value is worded
@@ -269,20 +272,22 @@ class TrainConfig:
             raise ConfigError(f"cannot read run config {path}: {err}") from err
         return cls.from_dict(values)
 
-    def resume_mismatch(self, saved: "TrainConfig") -> list[str]:
-        """Fields that differ from the saved run's config in a way that changes the computation (paths
+    def changed_fields(self, saved: "TrainConfig") -> list[str]:
+        """The fields that differ from the saved run's config in a way that changes the computation (paths
         compared resolved)."""
         def same(name, now, then) -> bool:
             if name in PATH_FIELDS and now is not None and then is not None:
                 return Path(now).resolve() == Path(then).resolve()
             return now == then
 
-        return [
-            f"{f.name}: saved {getattr(saved, f.name)!r}, now {getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE_CHANGES
-            and not same(f.name, getattr(self, f.name), getattr(saved, f.name))
-        ]
+        return [f.name for f in dataclasses.fields(self) if f.name not in RESUMABLE_CHANGES
+                and not same(f.name, getattr(self, f.name), getattr(saved, f.name))]
+
+    def resume_mismatch(self, saved: "TrainConfig") -> list[str]:
+        """"field: saved X, now Y" for each field that differs from the saved run's in a way that changes its
+        training (`changed_fields` but AFTER_TRAINING)."""
+        return [f"{name}: saved {getattr(saved, name)!r}, now {getattr(self, name)!r}"
+                for name in self.changed_fields(saved) if name not in AFTER_TRAINING]
 
 
 def option_fields() -> list[tuple[dataclasses.Field, type, bool]]:

@@ -64,11 +64,12 @@ def checkpoint_dir(run_dir: Path, phase: str) -> Path:
     return Path(run_dir) / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> list[str]:
     """Check that `run_dir` may hold the run `cfg`; writes nothing (`record_config` does, when training
-    starts). A folder with checkpoints is a run: continued only with `resume` and the same options (paths
-    compared resolved). Without checkpoints nothing ran: a config.json left by an attempt that failed before
-    its first step binds nothing. A folder holding other files than a run's is refused."""
+    starts). A folder with checkpoints is a run: continued only with `resume` and the same training options
+    (paths compared resolved); returns the settings of what follows training that changed (AFTER_TRAINING:
+    those phases are redone). Without checkpoints nothing ran: a config.json left by an attempt that failed
+    before its first step binds nothing. A folder holding other files than a run's is refused."""
     has_checkpoints = any(any(checkpoint_dir(run_dir, phase).glob("[0-9]*")) for phase in PHASES)
     if not has_checkpoints:
         ours = lambda name: name in outputs.RUN_ENTRIES or name.startswith(("checkpoints", "."))
@@ -76,19 +77,31 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         if foreign:
             raise RunDirError(f"{run_dir} holds other files than a run ({', '.join(foreign[:3])}); choose "
                               "a new or empty --out")
-        return
+        return []
     if not resume:
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
     config_path = run_dir / CONFIG_FILE
-    if config_path.exists():
-        mismatch = cfg.resume_mismatch(TrainConfig.load(config_path))
-        if mismatch:
-            raise RunDirError(
-                f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
-                "pass the same options or choose another --out"
-            )
+    if not config_path.exists():
+        return []
+    saved = TrainConfig.load(config_path)
+    mismatch = cfg.resume_mismatch(saved)
+    if mismatch:
+        raise RunDirError(
+            f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
+            "pass the same options or choose another --out"
+        )
+    return cfg.changed_fields(saved)
+
+
+def set_aside_phases(run_dir: Path, phases, why: str, log) -> None:
+    """Move the checkpoints of `phases` (made from what is now redone) to `checkpoints_<phase>.stale`."""
+    for phase in phases:
+        stale = checkpoint_dir(run_dir, phase)
+        if stale.is_dir() and any(stale.iterdir()) and jax.process_index() == 0:
+            moved = set_aside(stale, "stale")
+            log(f"note: {why}: moved the {PHASE_NAMES[phase]} checkpoints to {moved.name}")
 
 
 def record_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -114,7 +127,7 @@ def run_experiment(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     build_model(cfg, NUM_CLASSES.get(cfg.dataset, 10))  # a bad depth or widths fails here, before any work
-    prepare_run_dir(cfg, run_dir, resume)
+    changed = prepare_run_dir(cfg, run_dir, resume)
     dataset = load_data(cfg)
     if len(dataset.train_labels) < cfg.batch_size:
         raise ConfigError(f"{{batch_size}} exceeds the {len(dataset.train_labels):,} training images",
@@ -150,6 +163,8 @@ def run_experiment(
             in_fit += time.perf_counter() - start
 
     record_config(cfg, run_dir)
+    if changed:
+        set_aside_phases(run_dir, PHASES[1:], f"{', '.join(changed)} changed", log)
     state = train("train", model, variables)
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
@@ -212,11 +227,7 @@ def train_phase(
         log(f"resuming {PHASE_NAMES[phase]} from epoch {start} of {phase_cfg.epochs} "
             f"({checkpoints.directory / str(start)})")
     later = PHASES[PHASES.index(phase) + 1:] if start < phase_cfg.epochs else ()
-    for stale in (checkpoint_dir(run_dir, p) for p in later):
-        if stale.is_dir() and any(stale.iterdir()) and jax.process_index() == 0:
-            moved = set_aside(stale, "stale")
-            log(f"note: {PHASE_NAMES[phase]} runs again from epoch {start + 1}: moved the checkpoints made "
-                f"from the earlier one to {moved.name}")
+    set_aside_phases(run_dir, later, f"{PHASE_NAMES[phase]} runs again from epoch {start + 1}", log)
     if inputs.mesh is not None:
         state = sharding.replicate(state, inputs.mesh)
     metrics = MetricsWriter(run_dir, keep_until=(phase, start), drop=later)

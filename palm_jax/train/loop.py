@@ -274,5 +274,7 @@ def _diverged(err: _NotFinite, phase: str, epoch: int, cfg: TrainConfig, checkpo
     else:
         kept = f"no {name} checkpoint was written yet (those of the phases before it are kept)"
     fix = f"a lower {LR_OPTION[phase]}" + (" or --l1" if cfg.method.uses_l1 and cfg.l1 > 0 else "")
+    if phase != PHASES[0]:
+        fix += " (a --resume reuses the training checkpoints)"
     raise TrainingDiverged(f"{name} diverged: {err.what} at step {err.step} (epoch {epoch}); {kept}; "
                            f"try {fix}") from None
