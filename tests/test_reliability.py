@@ -288,3 +288,9 @@ def test_resume_with_other_fine_tuning_settings_reuses_training_and_redoes_fine_
     assert new[:2] == old[:2]  # training reused as it was
     assert new[2]["lr"] == old[2]["lr"] / 2 and new[2]["loss"] != old[2]["loss"]
     assert TrainConfig.load(run_dir / "config.json").finetune_lr == cfg.finetune_lr / 2
+    # no fine-tuning any more: the last one set aside too, its records dropped
+    run_experiment(cfg.replace(finetune_epochs=0), run_dir, resume=True, log=lambda *_: None)
+    assert [(r["phase"], r["epoch"]) for r in read_metrics(run_dir)] == [("train", 1), ("train", 2)]
+    assert sorted(p.name for p in run_dir.glob("checkpoints*")) == [
+        "checkpoints", "checkpoints_finetune.stale", "checkpoints_finetune.stale-1"]
+    assert json.loads((run_dir / "report.json").read_text())["accuracy"]["finetuned"] is None

@@ -22,7 +22,7 @@ from palm_jax.train import outputs, report, sharding
 from palm_jax.train.checkpoint import Checkpoints, set_aside
 from palm_jax.train.config import PHASE_NAMES, PHASES, ConfigError, TrainConfig
 from palm_jax.train.loop import Inputs, fit, steps_per_epoch
-from palm_jax.train.metrics import MetricsWriter, read_metrics
+from palm_jax.train.metrics import MetricsWriter, keep_records, read_metrics
 from palm_jax.train.state import (
     Apply,
     build_model,
@@ -96,7 +96,9 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> list[str]:
 
 
 def set_aside_phases(run_dir: Path, phases, why: str, log) -> None:
-    """Move the checkpoints of `phases` (made from what is now redone) to `checkpoints_<phase>.stale`."""
+    """Phases made from what is now redone: their checkpoints moved to `checkpoints_<phase>.stale`, their
+    metrics dropped (metrics.jsonl stays in the order the run computes)."""
+    keep_records(run_dir, lambda record: record["phase"] not in phases)
     for phase in phases:
         stale = checkpoint_dir(run_dir, phase)
         if stale.is_dir() and any(stale.iterdir()) and jax.process_index() == 0:
@@ -230,7 +232,7 @@ def train_phase(
     set_aside_phases(run_dir, later, f"{PHASE_NAMES[phase]} runs again from epoch {start + 1}", log)
     if inputs.mesh is not None:
         state = sharding.replicate(state, inputs.mesh)
-    metrics = MetricsWriter(run_dir, keep_until=(phase, start), drop=later)
+    metrics = MetricsWriter(run_dir, keep_until=(phase, start))
     meta = {"phase": phase, "config": cfg.to_dict()}
     try:
         return fit(state, inputs, phase_cfg, checkpoints, metrics, phase=phase, start_epoch=start, meta=meta,
