@@ -87,9 +87,9 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """A batch must split evenly over the devices; the error (a ConfigError) names the fix."""
     if batch_size % mesh.size:
         raise ConfigError(
-            f"{{batch_size}} does not split over the {mesh.size} devices of the data-parallel mesh; "
-            f"use a batch size that is a multiple of {mesh.size} (or fewer devices, e.g. "
-            "CUDA_VISIBLE_DEVICES=0)", {"batch_size": batch_size}
+            f"batch size {batch_size} does not split over the {mesh.size} devices of the data-parallel mesh; "
+            f"use a --batch-size that is a multiple of {mesh.size} "
+            f"(or fewer devices, e.g. CUDA_VISIBLE_DEVICES=0)"
         )
 
 
