@@ -373,16 +373,6 @@ def user_errors() -> tuple:
     )
 
 
-def explained(err: Exception, args) -> str:
-    """The error's first line; a setting of `train` or `recipes` worded as the user gave it or the recipe
-    set it (`ConfigError.explain`)."""
-    from palm_jax.train import ConfigError
-
-    if isinstance(err, ConfigError) and args.command in ("train", "recipes"):
-        return first_line(ValueError(err.explain(set(given_settings(args)))))
-    return first_line(err)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("PALM_JAX_DEBUG", "") not in ("", "0")
@@ -397,11 +387,13 @@ def main(argv=None) -> int:
         )
         return EXIT_INTERRUPTED
     except Exception as err:
-        from palm_jax.train import TrainingDiverged
+        from palm_jax.train import ConfigError, TrainingDiverged
 
         if debug or not isinstance(err, (*user_errors(), TrainingDiverged)):
             raise
-        print(f"palm_jax {args.command}: error: {explained(err, args)}", file=sys.stderr)
+        if isinstance(err, ConfigError) and args.command in ("train", "recipes"):  # settings as made
+            err = ConfigError(err.explain(set(given_settings(args))))
+        print(f"palm_jax {args.command}: error: {first_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
 
 
