@@ -9,7 +9,8 @@
              the top-1 accuracy on --npz FILE, --data-dir DIR (its test split, else its validation
              hold-out) or the downloaded test split, and writes it as JSON.
     prune    RUN_DIR: prunes the run's checkpoint again (--fold exact|closest|none, --which latest|best) into
-             RUN_DIR/pruned-<fold> (or --out) with prune.json: accuracies, channels, params, FLOPs, deviation.
+             RUN_DIR/pruned-<fold> (or --out: a new or empty folder; --force replaces an earlier pruned model
+             there, nothing else) with prune.json: accuracies, channels, params, FLOPs, deviation.
     export   CHECKPOINT --out DIR [--force]: what `eval` evaluates, as a jax.export artifact served by
              `palm_jax.load_exported(DIR)` without the model's code (palm_jax/deploy).
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from palm_jax import recipes
-from palm_jax.utils import abstract_variables, first_line
+from palm_jax.utils import abstract_variables, atomic_write, first_line
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="which checkpoint of a run directory (default: latest)",
     )
     evaluate.add_argument("--batch-size", type=int, default=500, help="eval batch size")
-    evaluate.add_argument("--out", help="JSON file for the result (default: eval.json beside the checkpoint)")
+    evaluate.add_argument("--out", help="JSON file for the result (default: eval.json beside the "
+                          "checkpoint); an existing file is replaced only when it is an earlier result")
     evaluate.set_defaults(func=cmd_eval)
 
     reprune = commands.add_parser("prune", help="prune a trained run's checkpoint again, e.g. another --fold")
@@ -142,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="constants of removed channels: exact (carrier channels next to padding, the default), closest "
         "(the closest per-channel constant, no extra channel) or none (slice only)",
     )
-    reprune.add_argument("--out", help="folder for the pruned model (default: RUN_DIR/pruned-<fold>)")
+    reprune.add_argument("--out", help="a new or empty folder for the pruned model (default: "
+                         "RUN_DIR/pruned-<fold>); never the run directory, a folder holding it or one of its "
+                         "own")
+    reprune.add_argument("--force", action="store_true", help="replace a previous pruned model in --out (a "
+                         "folder holding anything else is never replaced)")
     reprune.add_argument("--recalibrate-images", type=int, metavar="N",
                          help="re-estimate the pruned model's BatchNorm statistics on N training images "
                          "(0: not at all; default: the run's setting)")
@@ -255,6 +261,7 @@ def cmd_eval(args) -> int:
     from palm_jax.pruning import load_pruned
     from palm_jax.train import TrainConfig
     from palm_jax.train.experiment import CONFIG_FILE, accuracy_of, load_data, load_trained
+    from palm_jax.train.outputs import is_eval_result
     from palm_jax.train.state import sparse_params
 
     path = Path(args.checkpoint)
@@ -270,6 +277,10 @@ def cmd_eval(args) -> int:
         raise UsageError(
             f"{path} is neither a run directory (no {CONFIG_FILE}) nor a pruned model (no pruned_model.json)"
         )
+    out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
+    if out.exists() and not is_eval_result(out):
+        raise UsageError(f"--out {out} exists and is not a result of `eval`; nothing else is overwritten: "
+                         "choose another --out")
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise UsageError("--dataset is needed: this pruned model has no run config beside it")
@@ -302,8 +313,7 @@ def cmd_eval(args) -> int:
         result["accuracy"] = top1(state.variables())
         if cfg.method.keeps_xi:
             result["accuracy_sparse"] = top1(state.variables(sparse_params(state, cfg.method)))
-    out = Path(args.out) if args.out else (path if pruned else run_dir) / "eval.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(out, json.dumps(result, indent=1) + "\n")
     print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% on {len(labels)} {split} images of {source}")
     print(f"eval: {out}")
     return 0
@@ -312,11 +322,14 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from palm_jax.train.experiment import CONFIG_FILE, load_data, load_trained, prune_trained, save_pruned
     from palm_jax.train.loop import Inputs
+    from palm_jax.train.outputs import check_pruned_out
     from palm_jax.train.step import to_eval_batches
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"{run_dir} is not a run directory of `palm_jax train` (no {CONFIG_FILE})")
+    out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
+    check_pruned_out(out, replace=args.force, run_dir=run_dir)  # before any work
     cfg, state, epoch = load_trained(run_dir, best=args.which == "best")
     if args.recalibrate_images is not None:
         cfg = cfg.replace(recalibrate_images=args.recalibrate_images)
@@ -324,8 +337,7 @@ def cmd_prune(args) -> int:
     eval_data = to_eval_batches(data.eval_images, data.eval_labels, cfg.eval_batch_size)
     inputs = Inputs(None, eval_data, data.preprocess)
     result, accuracy = prune_trained(cfg, state, data, inputs, fold=args.fold)
-    out = Path(args.out) if args.out else run_dir / f"pruned-{args.fold}"
-    save_pruned(out, result)
+    save_pruned(out, result, replace=args.force)
     r = result.report
     summary = {
         "run": str(run_dir), "epoch": epoch, "fold": args.fold, "split": data.eval_split,
@@ -382,10 +394,12 @@ def main(argv=None) -> int:
         )
         return EXIT_INTERRUPTED
     except Exception as err:
-        from palm_jax.train import TrainingDiverged
+        from palm_jax.train import ConfigError, TrainingDiverged
 
         if debug or not isinstance(err, (*user_errors(), TrainingDiverged)):
             raise
+        if isinstance(err, ConfigError) and args.command in ("train", "recipes"):  # settings as made
+            err = ConfigError(err.explain(set(given_settings(args))))
         print(f"palm_jax {args.command}: error: {first_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
 

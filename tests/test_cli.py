@@ -1,5 +1,6 @@
 """The command line: train's last line, the eval command, one-line errors with exit status 2."""
 
+import hashlib
 import json
 import os
 import re
@@ -99,9 +100,69 @@ def test_prune_command_recalibrates_only_the_bn_statistics_on_training_images(ca
     first_mean = lambda variables: jax.tree.leaves(variables["batch_stats"])[0]
     assert not np.array_equal(first_mean(after), first_mean(before))
     bad = scratch_dir("recal_bad") / "pruned"
-    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "8", "--out", str(bad)]) == 2
+    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "-1", "--out", str(bad)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--recalibrate-images must be 0 (off) or at least --batch-size" in error[0]
+    assert len(error) == 1 and "--recalibrate-images must be an int >= 0" in error[0]
+    # fewer images than a training batch: one batch of them all
+    few = scratch_dir("recal_few") / "pruned"
+    assert cli.main(["prune", str(run_dir), "--recalibrate-images", "8", "--out", str(few)]) == 0
+    assert json.loads((few / "prune.json").read_text())["recalibration"]["batch_size"] == 8
+
+
+def file_hashes(folder: Path) -> dict:
+    """{relative path: SHA-256} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def without_timings(prune_json: str) -> dict:
+    """prune.json without what is measured anew each time (latency, the recalibration's seconds)."""
+    summary = json.loads(prune_json)
+    summary.pop("latency", None)
+    if summary.get("recalibration"):
+        summary["recalibration"].pop("seconds")
+    return summary
+
+
+def test_prune_out_never_replaces_a_run_or_files_a_user_made(capsys):
+    """Issue 14, defect 1: `prune RUN --out RUN` replaced the run by the pruned model, exit status 0."""
+    home = scratch_dir("prune_out")
+    run_dir = home / "run"
+    shutil.copytree(tiny_run()[0], run_dir)
+    capsys.readouterr()
+    mine = home / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    before = file_hashes(home)
+    refused = [
+        ([str(run_dir)], "is the run directory"),
+        ([str(run_dir) + "/", "--force"], "is the run directory"),  # compared resolved
+        ([str(home), "--force"], "holds the run directory"),
+        ([str(run_dir / "checkpoints" / "7"), "--force"], "is part of the run"),
+        ([str(run_dir / "pruned"), "--force"], "is part of the run"),
+        ([str(mine)], "other files than a pruned model"),
+        ([str(mine), "--force"], "with or without --force"),
+    ]
+    for out, words in refused:
+        code = cli.main(["prune", str(run_dir), "--out", *out])
+        assert code == 2, out
+        assert_one_line_error(code, capsys.readouterr().err, words)
+    assert cli.main(["eval", str(run_dir), "--out", str(mine / "notes.txt")]) == 2  # eval's --out: a file
+    assert_one_line_error(2, capsys.readouterr().err, "is not a result of `eval`")
+    assert file_hashes(home) == before  # byte-identical: nothing deleted, nothing written
+
+    # the default folder: written, then kept unless --force (which replaces that pruned model only)
+    assert cli.main(["prune", str(run_dir)]) == 0
+    default = run_dir / "pruned-exact"
+    first = without_timings((default / "prune.json").read_text())
+    (default / "prune.json").write_text("{}")  # to tell a replaced model from a kept one
+    assert cli.main(["prune", str(run_dir)]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--force")
+    assert (default / "prune.json").read_text() == "{}"
+    assert cli.main(["prune", str(run_dir), "--force"]) == 0
+    assert without_timings((default / "prune.json").read_text()) == first  # the same pruning, written again
+    assert sorted(p.name for p in default.iterdir()) == ["prune.json", "pruned_model.json", "variables"]
+    assert {k: v for k, v in file_hashes(home).items() if not k.startswith("run/pruned-exact/")} == before
 
 
 def test_prune_command_needs_a_run_directory(tmp_path):
@@ -167,6 +228,38 @@ def test_resume_with_other_options_and_foreign_checkpoints_are_one_line(capsys):
     (foreign / "config.json").write_text(json.dumps({**config, "widths": [8] * 8}))
     assert cli.main(["eval", str(foreign)]) == 2
     assert_one_line_error(2, capsys.readouterr().err, "does not fit")
+
+
+def test_messages_name_only_what_the_user_gave_or_the_recipe_set(tmp_path, monkeypatch, capsys):
+    """Issue 14, defect 5: "--train-images (3000)" / "train_images=3000" when the user gave no such option
+    (the demo recipe sets it), and a "validation hold-out" when test.npz is the eval split."""
+    from test_data import _smooth_images, _write_npz
+
+    monkeypatch.setenv("PALM_JAX_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--recipe", "demo", "--batch-size", "4000", "--out", out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "palm_jax train: error: --batch-size 4000 exceeds the recipe's 3,000 training images; set "
+        "TRAIN_IMAGES= (or --train-images)"]
+    assert cli.main(["train", "--recipe", "demo", "--train-images", "32", "--out", out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "palm_jax train: error: the recipe's batch size 64 exceeds --train-images 32; set BATCH= (or "
+        "--batch-size)"]
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_npz(data / "train.npz", _smooth_images(40, seed=0), np.arange(40) % 10)
+    _write_npz(data / "test.npz", _smooth_images(10, seed=1), np.arange(10) % 10)
+    demo = ["train", "--recipe", "demo", "--dataset", "cifar10", "--data-dir", str(data), "--out", out]
+    assert cli.main(demo) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"palm_jax train: error: the recipe's 3,000 training images asked for, but {data} has 40 training "
+        "images; set TRAIN_IMAGES= (or --train-images)")  # test.npz is the eval split: nothing held out
+    (data / "test.npz").unlink()  # then the last 5,000 training images are held out: too few here
+    assert cli.main(demo) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"palm_jax train: error: {data / 'train.npz'} has 40 images and no test.npz beside it: too few to "
+        "hold out the last 5,000 for validation; add a test.npz")
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing recorded
 
 
 def test_recipes_command_lists_and_resolves(capsys):

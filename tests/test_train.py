@@ -250,6 +250,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint():
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
 
+def test_nan_during_fine_tuning_names_the_phase_and_its_lr_option():
+    """Issue 14, defect 4: a fine-tuning NaN said "training diverged", "no checkpoint was written yet" (the
+    training checkpoints exist) and "try a lower --lr"."""
+    state, inputs, cfg, checkpoints, metrics = loop_setup(run_dir := scratch_dir("nan_finetune"))
+    state = fit(state, inputs, cfg.replace(epochs=1), checkpoints, metrics)  # a training checkpoint exists
+    finetune = cfg.for_phase("finetune")
+    copy = lambda: jax.tree.map(jnp.copy, state)  # fit consumes the state it is given
+    poisoned = lambda: copy().replace(params=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params))
+    tuning = Checkpoints(run_dir / "checkpoints_finetune")
+    with pytest.raises(TrainingDiverged) as info:
+        fit(poisoned(), inputs, finetune, tuning, metrics, phase="finetune")
+    assert str(info.value) == (
+        "fine-tuning diverged: loss is nan at step 1 (epoch 1); no fine-tuning checkpoint was written yet "
+        "(those of the phases before it are kept); try a lower --finetune-lr (a --resume reuses the training "
+        "checkpoints)"
+    )
+    fit(copy(), inputs, finetune.replace(epochs=1), tuning, metrics, phase="finetune")
+    with pytest.raises(TrainingDiverged) as info:
+        fit(poisoned(), inputs, finetune.replace(epochs=2), tuning, metrics, phase="finetune", start_epoch=1)
+    assert str(info.value) == (
+        f"fine-tuning diverged: loss is nan at step {STEPS_PER_EPOCH + 1} (epoch 2); the last good "
+        f"fine-tuning checkpoint (epoch 1) is in {tuning.directory}; try a lower --finetune-lr (a --resume "
+        "reuses the training checkpoints)"
+    )
+    assert checkpoints.all_epochs() == [1]  # training's, untouched
+
+
 def test_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
     state, inputs, cfg, checkpoints, metrics = loop_setup(scratch_dir("lines"))
@@ -363,8 +390,8 @@ def test_recalibrate_images_setting_and_configs_saved_before_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(values))  # a run saved before the setting existed
     assert TrainConfig.load(tmp_path / "config.json").recalibrate_images == 3000
     assert tiny_config(recalibrate_images=0).recalibrate_images == 0
-    with pytest.raises(ValueError, match="--recalibrate-images must be 0 .off. or at least --batch-size"):
-        tiny_config(recalibrate_images=8)  # fewer than one batch of 32
+    with pytest.raises(ValueError, match="--recalibrate-images must be an int >= 0"):
+        tiny_config(recalibrate_images=-1)
 
 
 SHARDED = {"widths": (4, 8, 8, 8, 8, 8, 8, 8), "batch_size": 16}

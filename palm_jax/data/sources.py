@@ -118,13 +118,19 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
         train = tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         test = load_split(name, "test", download=download)
         dataset = Dataset(name, *train, *test, "test", NUM_CLASSES[name], splits)
-    if train_images is not None:
-        if not 0 < train_images <= len(dataset.train_labels):
-            raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
-                             "training images (after the validation hold-out)")
-        dataset = dataclasses.replace(dataset, train_images=dataset.train_images[:train_images],
-                                      train_labels=dataset.train_labels[:train_images])
-    return dataset
+    if train_images is not None and not 0 < train_images <= len(dataset.train_labels):
+        held = " (after the validation hold-out)" if dataset.eval_split == "val" else ""
+        raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
+                         f"training images{held}")
+    return first_train_images(dataset, train_images)
+
+
+def first_train_images(dataset: Dataset, count: int | None) -> Dataset:
+    """`dataset` with only its first `count` training images (None: all of them)."""
+    if count is None:
+        return dataset
+    return dataclasses.replace(dataset, train_images=dataset.train_images[:count],
+                               train_labels=dataset.train_labels[:count])
 
 
 def _load_npz_dir(name, data_dir, val_images):
@@ -139,8 +145,8 @@ def _load_npz_dir(name, data_dir, val_images):
         split = "test"
     else:
         if not 0 < val_images < len(labels):
-            raise ValueError(f"val_images={val_images}: {path('train.npz')} has {len(labels)} images and no "
-                             "test.npz beside it, so hold out between 1 and N - 1 of them")
+            raise ValueError(f"{path('train.npz')} has {len(labels):,} images and no test.npz beside it: too "
+                             f"few to hold out the last {val_images:,} for validation; add a test.npz")
         cut = len(labels) - val_images
         images, labels, eval_images, eval_labels = images[:cut], labels[:cut], images[cut:], labels[cut:]
         split = "val"

@@ -299,10 +299,7 @@ class Checkpoints:
 
     def _set_aside(self, epoch: int) -> None:
         path = self._path(epoch)
-        kind = "corrupt" if self._check(epoch).problem else "replaced"
-        names = (f"{epoch}.{kind}" + (f"-{i}" if i else "") for i in itertools.count())
-        target = next(path.with_name(name) for name in names if not path.with_name(name).exists())
-        path.rename(target)
+        target = set_aside(path, "corrupt" if self._check(epoch).problem else "replaced")
         self._checks.pop(epoch, None)
         self._warn(f"note: moved checkpoint {path} to {target.name} before writing epoch {epoch} again")
 
@@ -313,6 +310,15 @@ class Checkpoints:
         if self._sealing_error is not None:
             error, self._sealing_error = self._sealing_error, None
             raise error
+
+
+def set_aside(path: Path, kind: str) -> Path:
+    """Rename `path` to `<name>.<kind>` (or `<name>.<kind>-<i>`, the first free name); returns the new
+    path."""
+    names = (f"{path.name}.{kind}" + (f"-{i}" if i else "") for i in itertools.count())
+    target = next(path.with_name(name) for name in names if not path.with_name(name).exists())
+    path.rename(target)
+    return target
 
 
 def _check_fits(path: Path, metadata, template: dict) -> None:

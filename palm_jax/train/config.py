@@ -23,14 +23,50 @@ MODELS = {"vgg": VGG, "resnet": PreResNet, "densenet": DenseNet}
 MODEL_ALIASES = {"preresnet": "resnet"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 XI_INITS = ("uniform",)  # besides None: xi starts as a copy of the scales
-PHASES = ("train", "finetune")
+PHASES = ("train", "finetune")  # in the order a run computes them
+PHASE_NAMES = {"train": "training", "finetune": "fine-tuning"}
+PATH_FIELDS = ("data_dir",)  # compared resolved: DATA_DIR/ and DATA_DIR are the same folder
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("steps_per_dispatch", "keep_checkpoints")
+# Fields that change only what follows training (pruning, fine-tuning): a --resume that changes them reuses
+# the training checkpoints and redoes the rest.
+AFTER_TRAINING = ("prune_percent", "recalibrate_images", "finetune_epochs", "finetune_lr")
+
+
+# the Makefile variable of each setting that has one (Makefile: train_args), and how a value is worded
+MAKE_VARIABLES = {
+    "data_dir": "DATA_DIR", "epochs": "EPOCHS", "batch_size": "BATCH", "train_images": "TRAIN_IMAGES"
+}
+SETTING_WORDS = {"train_images": "{:,} training images", "batch_size": "batch size {}", "epochs": "{} epochs"}
 
 
 class ConfigError(ValueError):
-    """A bad option; the message names it and says what is allowed."""
+    """A bad option; the message names it and says what is allowed.
+
+    `settings` ({field: value}) are the TrainConfig fields the message is about; for each, `message` holds
+    `{field}`, written as the option and its value (`--batch-size 64`), or by `explain(given)` the way the
+    setting was made: given on the command line, or set by the recipe ("the recipe's 3,000 training images;
+    set TRAIN_IMAGES= (or --train-images)")."""
+
+    def __init__(self, message: str, settings: dict | None = None):
+        self.template, self.settings = message, dict(settings or {})
+        super().__init__(self.explain())
+
+    def explain(self, given=None) -> str:
+        """The message; `given`: the fields set on the command line (None: unknown, every setting is written
+        as its option); the others are the recipe's, named with how to set them."""
+        text, fixes = self.template, []
+        for name, value in self.settings.items():
+            if given is None or name in given:
+                shown = f"{_flag(name)} {value}"
+            else:
+                words = SETTING_WORDS.get(name, name.replace("_", " ") + " {}")
+                shown = "the recipe's " + words.format(value)
+                make = MAKE_VARIABLES.get(name)
+                fixes.append(f"set {make}= (or {_flag(name)})" if make else f"set {_flag(name)}")
+            text = text.replace("{" + name + "}", shown)
+        return text + "".join(f"; {fix}" for fix in fixes)
 
 
 def option(default, help: str, **metadata):
@@ -150,10 +186,9 @@ class TrainConfig:
         for name in ("train_images", "steps_per_dispatch", "finetune_lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if self.recalibrate_images != 0 and not (isinstance(self.recalibrate_images, int)
-                                                 and self.recalibrate_images >= self.batch_size):
-            raise ConfigError(f"--recalibrate-images must be 0 (off) or at least --batch-size "
-                              f"({self.batch_size}), got {self.recalibrate_images!r}")
+        if not (isinstance(self.recalibrate_images, int) and self.recalibrate_images >= 0):
+            raise ConfigError(
+                f"--recalibrate-images must be an int >= 0 (0: off), got {self.recalibrate_images!r}")
         if self.finetune_epochs is not None and self.finetune_epochs < 0:
             raise ConfigError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         for name in ("l1", "weight_decay", "momentum", "warmup_epochs"):
@@ -177,9 +212,8 @@ class TrainConfig:
         if any(not 0 < f < 1 for f in self.lr_drops):
             raise ConfigError(f"--lr-drops must be fractions of training in (0, 1), got {self.lr_drops}")
         if self.train_images is not None and self.train_images < self.batch_size:
-            raise ConfigError(
-                f"--train-images ({self.train_images}) must be at least --batch-size ({self.batch_size})"
-            )
+            raise ConfigError("{batch_size} exceeds {train_images}",
+                              {"batch_size": self.batch_size, "train_images": self.train_images})
 
     @property
     def compute_dtype(self):
@@ -245,13 +279,22 @@ class TrainConfig:
             raise ConfigError(f"cannot read run config {path}: {err}") from err
         return cls.from_dict(values)
 
+    def changed_fields(self, saved: "TrainConfig") -> list[str]:
+        """The fields that differ from the saved run's config in a way that changes the computation (paths
+        compared resolved)."""
+        def same(name, now, then) -> bool:
+            if name in PATH_FIELDS and now is not None and then is not None:
+                return Path(now).resolve() == Path(then).resolve()
+            return now == then
+
+        return [f.name for f in dataclasses.fields(self) if f.name not in RESUMABLE_CHANGES
+                and not same(f.name, getattr(self, f.name), getattr(saved, f.name))]
+
     def resume_mismatch(self, saved: "TrainConfig") -> list[str]:
-        """Fields that differ from the saved run's config in a way that changes the computation."""
-        return [
-            f"{f.name}: saved {getattr(saved, f.name)!r}, now {getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE_CHANGES and getattr(self, f.name) != getattr(saved, f.name)
-        ]
+        """"field: saved X, now Y" for each field that differs from the saved run's in a way that changes its
+        training (`changed_fields` but AFTER_TRAINING)."""
+        return [f"{name}: saved {getattr(saved, name)!r}, now {getattr(self, name)!r}"
+                for name in self.changed_fields(saved) if name not in AFTER_TRAINING]
 
 
 def option_fields() -> list[tuple[dataclasses.Field, type, bool]]:

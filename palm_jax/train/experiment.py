@@ -1,13 +1,13 @@
 """One experiment from data to report: train (or resume), read the sparse scales, prune, fine-tune, report.
 
-run_dir/config.json              the TrainConfig (checked against on --resume)
-run_dir/checkpoints/<epoch>/     Orbax, last k + best; run_dir/checkpoints_finetune/ for fine-tuning
+run_dir/config.json              the TrainConfig, written when training starts (checked against on --resume)
+run_dir/checkpoints/<epoch>/     Orbax, last k + best; run_dir/checkpoints_finetune/ for fine-tuning (set
+                                 aside as checkpoints_finetune.stale when training redoes an epoch)
 run_dir/metrics.jsonl            one record per epoch (+ run_dir/tensorboard/ when tensorboard is installed)
 run_dir/pruned/                  the pruned (and fine-tuned) model, `palm_jax.load_pruned`-able
 run_dir/report.json, report.md   accuracies, channels, params, FLOPs, seconds; run_dir/plots/*.png
 """
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +17,13 @@ import numpy as np
 
 import palm_jax.pruning as pruning
 from palm_jax.data import NUM_CLASSES, Dataset, load_dataset, synthetic_dataset
+from palm_jax.data.sources import first_train_images
 from palm_jax.recalibrate import recalibrate_bn
-from palm_jax.train import report, sharding
-from palm_jax.train.checkpoint import Checkpoints
-from palm_jax.train.config import ConfigError, TrainConfig
+from palm_jax.train import outputs, report, sharding
+from palm_jax.train.checkpoint import Checkpoints, set_aside
+from palm_jax.train.config import PHASE_NAMES, PHASES, ConfigError, TrainConfig
 from palm_jax.train.loop import Inputs, fit, steps_per_epoch
-from palm_jax.train.metrics import MetricsWriter, read_metrics
+from palm_jax.train.metrics import MetricsWriter, keep_records, read_metrics
 from palm_jax.train.state import (
     Apply,
     build_model,
@@ -49,7 +50,14 @@ def load_data(cfg: TrainConfig) -> Dataset:
         return synthetic_dataset(
             num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
         )
-    return load_dataset(cfg.dataset, cfg.data_dir, train_images=cfg.train_images)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    available = len(dataset.train_labels)
+    if cfg.train_images is not None and cfg.train_images > available:
+        held = (f" (after holding out the last {len(dataset.eval_labels):,} for validation: there is no "
+                "test.npz)" if dataset.eval_split == "val" else "")
+        raise ConfigError(f"{{train_images}} asked for, but {cfg.data_dir or cfg.dataset} has {available:,} "
+                          f"training images{held}", {"train_images": cfg.train_images})
+    return first_train_images(dataset, cfg.train_images)
 
 
 def checkpoint_dir(run_dir: Path, phase: str) -> Path:
@@ -57,23 +65,52 @@ def checkpoint_dir(run_dir: Path, phase: str) -> Path:
     return Path(run_dir) / ("checkpoints" if phase == "train" else f"checkpoints_{phase}")
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    """Create `run_dir`, or check that `--resume` continues the same experiment; write config.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / CONFIG_FILE
-    has_checkpoints = any((run_dir / "checkpoints").glob("[0-9]*"))
-    if not resume and has_checkpoints:
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> list[str]:
+    """Check that `run_dir` may hold the run `cfg`; writes nothing (`record_config` does, when training
+    starts). A folder with checkpoints is a run: continued only with `resume` and the same training options
+    (paths compared resolved); returns the settings of what follows training that changed (AFTER_TRAINING:
+    those phases are redone). Without checkpoints nothing ran: a config.json left by an attempt that failed
+    before its first step binds nothing. A folder holding other files than a run's is refused."""
+    has_checkpoints = any(any(checkpoint_dir(run_dir, phase).glob("[0-9]*")) for phase in PHASES)
+    if not has_checkpoints:
+        ours = lambda name: name in outputs.RUN_ENTRIES or name.startswith(("checkpoints", "."))
+        foreign = sorted(p.name for p in run_dir.iterdir() if not ours(p.name)) if run_dir.is_dir() else []
+        if foreign:
+            raise RunDirError(f"{run_dir} holds other files than a run ({', '.join(foreign[:3])}); choose "
+                              "a new or empty --out")
+        return []
+    if not resume:
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
-    if resume and config_path.exists():
-        mismatch = cfg.resume_mismatch(TrainConfig.load(config_path))
-        if mismatch:
-            raise RunDirError(
-                f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
-                "pass the same options or choose another --out"
-            )
-    cfg.save(config_path)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        return []
+    saved = TrainConfig.load(config_path)
+    mismatch = cfg.resume_mismatch(saved)
+    if mismatch:
+        raise RunDirError(
+            f"--resume: {run_dir} was run with other options ({'; '.join(mismatch)}); "
+            "pass the same options or choose another --out"
+        )
+    return cfg.changed_fields(saved)
+
+
+def set_aside_phases(run_dir: Path, phases, why: str, log) -> None:
+    """Phases made from what is now redone: their checkpoints moved to `checkpoints_<phase>.stale`, their
+    metrics dropped (metrics.jsonl stays in the order the run computes)."""
+    keep_records(run_dir, lambda record: record["phase"] not in phases)
+    for phase in phases:
+        stale = checkpoint_dir(run_dir, phase)
+        if stale.is_dir() and any(stale.iterdir()) and jax.process_index() == 0:
+            moved = set_aside(stale, "stale")
+            log(f"note: {why}: moved the {PHASE_NAMES[phase]} checkpoints to {moved.name}")
+
+
+def record_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Create `run_dir` and write config.json: the run has started (see `prepare_run_dir`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_FILE)
 
 
 def run_experiment(
@@ -93,12 +130,11 @@ def run_experiment(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     build_model(cfg, NUM_CLASSES.get(cfg.dataset, 10))  # a bad depth or widths fails here, before any work
-    prepare_run_dir(cfg, run_dir, resume)
+    changed = prepare_run_dir(cfg, run_dir, resume)
     dataset = load_data(cfg)
     if len(dataset.train_labels) < cfg.batch_size:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} exceeds the {len(dataset.train_labels)} training images"
-        )
+        raise ConfigError(f"{{batch_size}} exceeds the {len(dataset.train_labels):,} training images",
+                          {"batch_size": cfg.batch_size})
     inputs = Inputs(to_device(dataset.train_images, dataset.train_labels),
                     to_eval_batches(dataset.eval_images, dataset.eval_labels, cfg.eval_batch_size),
                     dataset.preprocess)
@@ -125,10 +161,13 @@ def run_experiment(
         start = time.perf_counter()
         try:
             return train_phase(cfg, phase, model, variables, inputs, run_dir, resume=resume,
-                               callback=callback)
+                               callback=callback, log=log)
         finally:
             in_fit += time.perf_counter() - start
 
+    record_config(cfg, run_dir)
+    if changed:
+        set_aside_phases(run_dir, PHASES[1:], f"{', '.join(changed)} changed", log)
     state = train("train", model, variables)
 
     # the trained model's accuracy is the last epoch's eval (same params, same split)
@@ -174,9 +213,13 @@ def train_phase(
     *,
     resume: bool = False,
     callback: Callable[[int, int], None] | None = None,
+    log=print,
 ):
     """Train `model` from `variables` for phase `phase` of the run `cfg` (its settings: `cfg.for_phase`),
-    resuming from this phase's latest checkpoint if asked; returns the final train state."""
+    resuming from this phase's latest intact checkpoint if asked (and saying so); returns the final state.
+
+    A phase that (re)trains any epoch makes what the later phases computed from it stale: their checkpoints
+    are moved aside (`checkpoints_<phase>.stale`) and their metrics dropped, so they run again after it."""
     phase_cfg = cfg.for_phase(phase)
     tx = make_optimizer(phase_cfg, steps_per_epoch(int(inputs.train.labels.shape[0]), cfg.batch_size))
     state = create_train_state(model, tx, variables, phase_cfg.seed)
@@ -185,6 +228,10 @@ def train_phase(
     if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore(state)
         start = int(meta["epoch"])
+        log(f"resuming {PHASE_NAMES[phase]} from epoch {start} of {phase_cfg.epochs} "
+            f"({checkpoints.directory / str(start)})")
+    later = PHASES[PHASES.index(phase) + 1:] if start < phase_cfg.epochs else ()
+    set_aside_phases(run_dir, later, f"{PHASE_NAMES[phase]} runs again from epoch {start + 1}", log)
     if inputs.mesh is not None:
         state = sharding.replicate(state, inputs.mesh)
     metrics = MetricsWriter(run_dir, keep_until=(phase, start))
@@ -202,7 +249,7 @@ def train_phase(
 LATENCY_BUDGET_S = 2.0
 RECALIBRATION_IMAGES = ("the first {n} training images in the order of a permutation seeded by --seed, "
                         "un-augmented, normalised as at evaluation, in batches of {batch_size} (the training "
-                        "batch size)")
+                        "batch size, or all in one batch when fewer)")
 
 
 def prune_trained(cfg: TrainConfig, state, dataset: Dataset, inputs: Inputs, trained_accuracy=None,
@@ -242,28 +289,25 @@ def recalibrate(cfg: TrainConfig, result, train_images: np.ndarray, preprocess, 
         result.report["recalibration"] = None
         return result, None
     count = min(cfg.recalibrate_images, len(train_images))
-    batches = count // cfg.batch_size
-    order = np.random.default_rng(cfg.seed).permutation(len(train_images))[: batches * cfg.batch_size]
+    batch_size = min(cfg.batch_size, count)  # whole batches of the training batch size, or one smaller one
+    order = np.random.default_rng(cfg.seed).permutation(len(train_images))[: count - count % batch_size]
     start = time.perf_counter()
     variables = jax.block_until_ready(recalibrate_bn(
-        result.model, result.variables, train_images[order], batch_size=cfg.batch_size,
+        result.model, result.variables, train_images[order], batch_size=batch_size,
         preprocess=preprocess.eval))
     seconds = time.perf_counter() - start
     result.report["recalibration"] = {
-        "images": int(len(order)), "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
-        "which": RECALIBRATION_IMAGES.format(n=len(order), batch_size=cfg.batch_size),
+        "images": int(len(order)), "batch_size": batch_size, "seconds": round(seconds, 2),
+        "which": RECALIBRATION_IMAGES.format(n=len(order), batch_size=batch_size),
     }
     result = result._replace(variables=variables)
     return result, top1(Apply(result.model), variables)
 
 
-def save_pruned(path: Path, result) -> None:
-    """`palm_jax.save_pruned` into a fresh folder, then swapped in place of `path` (a rerun replaces it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pruning.save_pruned(tmp, result)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+def save_pruned(path: Path, result, *, replace: bool = True) -> None:
+    """The pruned model into `path`: filled when absent or empty, a previous pruned model replaced when
+    `replace` (a rerun rewrites its own output); anything else there is refused (`outputs.write_pruned`)."""
+    outputs.write_pruned(path, result, replace=replace)
 
 
 def load_trained(run_dir: Path, epoch: int | None = None, *, best: bool = False, image_shape=(32, 32, 3)):

@@ -26,14 +26,23 @@ from palm_jax.data import augment
 from palm_jax.data.augment import Preprocess
 from palm_jax.train import sharding
 from palm_jax.train.checkpoint import Checkpoints
-from palm_jax.train.config import TrainConfig
+from palm_jax.train.config import PHASE_NAMES, PHASES, TrainConfig
 from palm_jax.train.metrics import MetricsWriter
 from palm_jax.train.state import TrainState, schedule_of, sparse_params, zero_fraction
 from palm_jax.train.step import CIFAR, DeviceData, EvalData, epoch_key, evaluate, train_chunk
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss (or the parameters) became NaN or infinite; the message names the step."""
+    """The loss (or the parameters) became NaN or infinite; the message names the phase, the step, the last
+    good checkpoint and the option to change."""
+
+
+class _NotFinite(Exception):
+    """Raised inside an epoch; `fit` turns it into TrainingDiverged with the phase's context."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(what)
+        self.what, self.step = what, step
 
 
 class Inputs(NamedTuple):
@@ -154,10 +163,13 @@ def fit(
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             start = time.perf_counter()
             lr = float(f"{float(lr_fn((epoch - 1) * steps)):.7g}")  # float32 0.1, not 0.10000000149
-            state, totals = _train_epoch(state, inputs, cfg, epoch, checkpoints, bar, callback)
-            zeros, finite = jax.device_get(epoch_summary(state, cfg.method))
-            if not finite:
-                _diverged("a parameter is not finite", epoch * steps, epoch, checkpoints)
+            try:
+                state, totals = _train_epoch(state, inputs, cfg, epoch, bar, callback)
+                zeros, finite = jax.device_get(epoch_summary(state, cfg.method))
+                if not finite:
+                    raise _NotFinite("a parameter is not finite", epoch * steps)
+            except _NotFinite as err:
+                _diverged(err, phase, epoch, cfg, checkpoints)
             evaluation = evaluate(state.apply_fn, state.variables(), inputs.eval, inputs.preprocess)
             record = {
                 "phase": phase,
@@ -207,7 +219,7 @@ def _dispatches(state, inputs: Inputs, cfg: TrainConfig, epoch: int) -> list[tup
     return dispatches + ([(rest, 1, last)] if last else [])
 
 
-def _train_epoch(state, inputs: Inputs, cfg: TrainConfig, epoch: int, checkpoints, bar, callback):
+def _train_epoch(state, inputs: Inputs, cfg: TrainConfig, epoch: int, bar, callback):
     """One epoch in dispatches; each one's metrics are read after the next one is dispatched (the device keeps
     busy). Returns the state and the epoch's loss, objective (summed over images) and correct count."""
     steps = steps_per_epoch(int(inputs.train.labels.shape[0]), cfg.batch_size)
@@ -223,7 +235,7 @@ def _train_epoch(state, inputs: Inputs, cfg: TrainConfig, epoch: int, checkpoint
             pending.append((n, batch, out))
         if len(pending) == 2 or (c == len(dispatches) and pending):
             n_done, batch, out_done = pending.pop(0)
-            _accumulate(totals, jax.device_get(out_done), n_done, batch, first, epoch, cfg.l1, checkpoints)
+            _accumulate(totals, jax.device_get(out_done), n_done, batch, first, cfg.l1)
             first += n_done
             bar.update(n_done)
             loss, acc = totals["loss"] / totals["images"], totals["correct"] / totals["images"]
@@ -233,27 +245,36 @@ def _train_epoch(state, inputs: Inputs, cfg: TrainConfig, epoch: int, checkpoint
     return state, totals
 
 
-def _accumulate(totals: dict, out: dict, n: int, batch: int, first_step: int, epoch: int, l1: float,
-                checkpoints) -> None:
+def _accumulate(totals: dict, out: dict, n: int, batch: int, first_step: int, l1: float) -> None:
     """Add `n` steps of `batch` images each: per-step mean losses weighted by their batch size."""
     loss = np.asarray(out["loss"][:n], np.float64)
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
-        _diverged(f"loss is {loss[bad[0]]}", first_step + int(bad[0]) + 1, epoch, checkpoints)
+        raise _NotFinite(f"loss is {loss[bad[0]]}", first_step + int(bad[0]) + 1)
     totals["loss"] += batch * float(loss.sum())
     totals["objective"] += batch * float((loss + l1 * np.asarray(out["penalty"][:n], np.float64)).sum())
     totals["correct"] += int(np.asarray(out["correct"][:n]).sum())
     totals["images"] += n * batch
 
 
-def _diverged(what: str, step: int, epoch: int, checkpoints) -> None:
+# the option that sets each phase's learning rate (TrainConfig.for_phase)
+LR_OPTION = {"train": "--lr", "finetune": "--finetune-lr"}
+
+
+def _diverged(err: _NotFinite, phase: str, epoch: int, cfg: TrainConfig, checkpoints) -> None:
+    """Raise TrainingDiverged: what, where (phase, step, epoch), the phase's last good checkpoint, what to
+    change (the phase's lr option; --l1 where the phase has a sparsity term)."""
     checkpoints.wait()
     last = checkpoints.latest_epoch()
-    kept = (
-        f"the last good checkpoint (epoch {last}) is in {checkpoints.directory}"
-        if last is not None
-        else "no checkpoint was written yet"
-    )
-    raise TrainingDiverged(
-        f"training diverged: {what} at step {step} (epoch {epoch}); {kept}; try a lower --lr or --l1"
-    )
+    name = PHASE_NAMES[phase]
+    if last is not None:
+        kept = f"the last good {name} checkpoint (epoch {last}) is in {checkpoints.directory}"
+    elif phase == PHASES[0]:
+        kept = "no checkpoint was written yet"
+    else:
+        kept = f"no {name} checkpoint was written yet (those of the phases before it are kept)"
+    fix = f"a lower {LR_OPTION[phase]}" + (" or --l1" if cfg.method.uses_l1 and cfg.l1 > 0 else "")
+    if phase != PHASES[0]:
+        fix += " (a --resume reuses the training checkpoints)"
+    raise TrainingDiverged(f"{name} diverged: {err.what} at step {err.step} (epoch {epoch}); {kept}; "
+                           f"try {fix}") from None

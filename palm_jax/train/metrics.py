@@ -23,6 +23,14 @@ def read_metrics(run_dir: Path, phase: str | None = None) -> list[dict]:
     return [r for r in records if phase is None or r.get("phase") == phase]
 
 
+def keep_records(run_dir: Path, keep) -> None:
+    """Rewrite `run_dir/metrics.jsonl` (if any) with only the records for which `keep(record)` is true."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.exists():
+        records = [r for r in read_metrics(run_dir) if keep(r)]
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 class MetricsWriter:
     """Appends epoch records; `keep_until=(phase, epoch)` first drops that phase's records after `epoch` (the
     epochs a resumed run redoes)."""
@@ -31,12 +39,9 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         if keep_until is not None:
-            self._truncate(*keep_until)
+            phase, epoch = keep_until
+            keep_records(self.run_dir, lambda r: r["phase"] != phase or r["epoch"] <= epoch)
         self._tb = _tensorboard_writer(self.run_dir / "tensorboard")
-
-    def _truncate(self, phase: str, epoch: int) -> None:
-        keep = [r for r in read_metrics(self.run_dir) if r["phase"] != phase or r["epoch"] <= epoch]
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
