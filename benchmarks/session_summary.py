@@ -41,7 +41,8 @@ def recipe_cell(run: dict | None, limit_s: float) -> tuple[str, bool | None, flo
         acc = report["accuracy"]
         text = (f"{stage['wall_s']} s wall ({report['seconds']['total']:.0f} s in run_experiment, train "
                 f"{report['seconds']['train']:.0f} s); acc trained {_pct(acc['trained'])}, sparse "
-                f"{_pct(acc['sparse'])}, pruned {_pct(acc['pruned'])} ({report['split']})")
+                f"{_pct(acc['sparse'])}, pruned {_pct(acc['pruned'])}, recalibrated "
+                f"{_pct(acc.get('recalibrated'))} ({report['split']})")
         return text, stage["wall_s"] <= limit_s, acc["pruned"]
     train = [m for m in run["metrics"] if m.get("phase") == "train"]
     if not train:
