@@ -81,22 +81,28 @@ def cached(key, build):
     return value
 
 
-def trace(model, treedef, values, probe, inline=False):
-    """The closed jaxpr of `model.apply(variables, probe, train=False)` over (leaves, probe).
+def make_jaxpr(forward, *args, inline=False):
+    """`jax.make_jaxpr(forward)(*args)`.
 
     `inline`: first try with jits inlined (`jax.disable_jit()`, this thread only). A rebuilt model has new
-    shapes, so every jitted function it reaches (and Flax's shape check of each param, which traces the
-    param's initializer) misses JAX's trace caches; inlined, each is traced once without a cache entry,
-    about twice as fast. Same computation; same FLOP counts where `flops.inlining_keeps_count` holds for
-    the model's own jaxpr. If that trace fails, the plain one runs (and raises what it raises)."""
-    forward = lambda leaves, x: model.apply(treedef.unflatten(leaves), x, train=False)
+    shapes, so every jitted function it reaches (and, in Linen, Flax's shape check of each param, which
+    traces the param's initializer) misses JAX's trace caches; inlined, each is traced once without a cache
+    entry, about twice as fast. Same computation; same FLOP counts where `flops.inlining_keeps_count` holds
+    for the model's own jaxpr. If that trace fails, the plain one runs (and raises what it raises)."""
     if inline:
         try:
             with jax.disable_jit():
-                return jax.make_jaxpr(forward)(values, probe)
+                return jax.make_jaxpr(forward)(*args)
         except Exception:  # e.g. a loop on traced values, which disable_jit runs in Python
             pass
-    return jax.make_jaxpr(forward)(values, probe)
+    return jax.make_jaxpr(forward)(*args)
+
+
+def trace(model, treedef, values, probe, inline=False):
+    """The closed jaxpr of `model.apply(variables, probe, train=False)` over (leaves, probe) (`inline`: see
+    `make_jaxpr`)."""
+    return make_jaxpr(lambda leaves, x: model.apply(treedef.unflatten(leaves), x, train=False), values, probe,
+                      inline=inline)
 
 
 def _analyse(model, paths, values, treedef, probe) -> Analysed:
