@@ -34,7 +34,7 @@ class Analysed(NamedTuple):
     structure: engine.Structure
     controls: list
     flops: dict
-    inline: bool = False  # whether the rebuilt model may be traced with jits inlined (`trace`)
+    inline: bool = False  # whether the rebuilt model may be traced with jits inlined (`make_jaxpr`)
 
 
 def check_arguments(threshold, percent, min_channels, tolerance) -> None:
