@@ -10,7 +10,8 @@ every removed channel emits a nonzero constant relu(bias) (the case where foldin
 runs with its defaults (exact folding, the float64 exactness check on a one-image probe): a first call
 (cold: tracing the model, analysing it, resolving its widths), then --repeats calls on masks from other
 seeds (warm: the trace is cached per model and input shape, the pruned model is new each time); the table
-gives the cold seconds, the median warm seconds and the median warm split into trace / decide / fold /
+gives the cold seconds, the median warm seconds (and CPU seconds of the process, all threads: steadier than
+wall time on a shared machine) and the median warm split into trace / decide / fold /
 slice / check (the report's `seconds`), conv channels, carriers and the relative logit deviation from the
 sparse model. The closest-constant fold (`exact=False`) runs once for comparison. The script also runs
 against an older palm_jax (`PYTHONPATH=/path/to/main`: totals and the absolute deviation only).
@@ -133,11 +134,12 @@ def deviation(report) -> float:
 
 
 def timed_prune(model, variables, probe, **kwargs):
+    """(result, wall seconds, CPU seconds of the process: all its threads)."""
     from palm_jax import prune
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = prune(model, variables, probe=probe, **kwargs)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -155,15 +157,16 @@ def main() -> None:
     for name in args.models:
         model = build(name)
         variables = sparse_variables(model, probe, args.seed, args.bias_sign)
-        result, cold = timed_prune(model, variables, probe)
+        result, cold, _ = timed_prune(model, variables, probe)
         warm = [timed_prune(model, sparse_variables(model, probe, args.seed + 1 + i, args.bias_sign), probe)
                 for i in range(args.repeats)]
-        seconds = statistics.median(s for _, s in warm)
-        close, _ = timed_prune(model, variables, probe, exact=False)
+        seconds, cpu = statistics.median(s for _, s, _ in warm), statistics.median(c for *_, c in warm)
+        close, *_ = timed_prune(model, variables, probe, exact=False)
         r, c = result.report, close.report
-        split = {k: statistics.median(w.report["seconds"][k] for w, _ in warm)
+        split = {k: statistics.median(w.report["seconds"][k] for w, *_ in warm)
                  for k in SPLIT} if "seconds" in r else {}  # (older palm_jax: totals only)
         record = {"model": name, "cold_seconds": round(cold, 2), "warm_seconds": round(seconds, 2),
+                  "warm_cpu_seconds": round(cpu, 2),
                   "warm_split": {k: round(v, 3) for k, v in split.items()},
                   "channels": [r["channels_before"], r["channels_after"]],
                   "carrier_channels": r["fold"]["carrier_channels"],
@@ -172,7 +175,7 @@ def main() -> None:
             if f"{key}_before" in r:
                 record[key] = [r[f"{key}_before"], r[f"{key}_after"], c[f"{key}_after"]]
         parts = " / ".join(f"{split[k]:.2f}" for k in split) or "-"
-        rows.append([name, f"{cold:.1f}", f"{seconds:.2f}", parts,
+        rows.append([name, f"{cold:.1f}", f"{seconds:.2f}", f"{cpu:.2f}", parts,
                      f"{r['channels_before']} -> {r['channels_after']}", r["fold"]["carrier_channels"],
                      f"{record['deviation']:.1e}", f"{record['closest_deviation']:.1e}"])
         if name != "vgg19" and "flops_ns" in record:
@@ -190,8 +193,8 @@ def main() -> None:
     path = common.write_json({"env": env, "rows": records}, args.out, "prune_time", env)
     print(f"json: {path}")
     common.print_table(
-        ["model", "cold s", "warm s (median)", "warm " + " / ".join(SPLIT), "conv channels", "carriers",
-         "deviation", "closest fold"], rows,
+        ["model", "cold s", "warm s (median)", "warm CPU s", "warm " + " / ".join(SPLIT), "conv channels",
+         "carriers", "deviation", "closest fold"], rows,
         f"palm_jax.prune on {env['device_kind']} ({env['date']}), half of every BN's scales 0")
     if ns_rows:
         common.print_table(

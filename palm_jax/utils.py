@@ -1,12 +1,14 @@
 """Small helpers the package shares, each written once: an exception's first line, an atomic file write, a
 tagged JSON description read back, a pytree key path as strings, a model's variables without computing them,
-a parameter count.
+a parameter count, a function run with the garbage collector's existing objects frozen.
 
 Importing this module imports no JAX (`abstract_variables` does, when called).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import tempfile
@@ -93,3 +95,22 @@ def count_params(tree) -> int:
     import numpy as np
 
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
+
+
+def frozen_gc(fn: Callable) -> Callable:
+    """`fn` run with the objects that exist before it frozen (`gc.freeze()`), so that the collections
+    during the call scan only what it allocates (a large trace makes many; with a big process, full
+    collections otherwise rescan everything each time); unfrozen after. Where something else has frozen
+    objects already, its freeze is left alone and `fn` runs as is."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if gc.get_freeze_count():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return run

@@ -3,6 +3,7 @@
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from flax import traverse_util
 from test_prune import UserNet, flat, images, init, logits, perturbed, with_zeros
 
 from palm_jax.models import VGG, DenseNet, PreResNet
-from palm_jax.pruning import prune
+from palm_jax.pruning import api, flops, prune
+from palm_jax.pruning.flops import inlining_keeps_count
 from palm_jax.pruning.report import forward_flops
 
 
@@ -335,6 +337,33 @@ def test_flops_in_both_conventions():
     for key, m, v in [("before", user, variables), ("after", pruned.model, pruned.variables)]:
         assert pruned.report[f"flops_{key}"] == forward_flops(m, v, y.shape[1:])
     assert pruned.report["flops_ns_after"] < pruned.report["flops_ns_before"]
+
+
+class Looped(nn.Module):
+    """conv -> BN -> ReLU -> Dense -> a 3-step loop on the logits (XLA counts a loop's body once)."""
+
+    widths: tuple[int, ...] = (6,)
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(self.widths[0], (3, 3))(x)))
+        y = nn.Dense(3)(h.reshape(h.shape[0], -1))
+        return jax.lax.fori_loop(0, 3, lambda i, y: y * 0.5 + 1.0, y)
+
+
+def test_jits_are_inlined_in_the_pruned_trace_only_where_the_flops_stay_the_same():
+    inlinable = lambda f: inlining_keeps_count(jax.make_jaxpr(f)(jnp.ones((2, 3))).jaxpr)
+    assert inlinable(lambda x: jax.nn.relu(x) * 2.0)  # relu: a jit of one op
+    assert not inlinable(lambda x: jax.jit(lambda y: y * 2.0 + 1.0)(x))  # two ops: summed apart by XLA
+    assert not inlinable(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: y * 2.0, x))  # unrolled when inlined
+    model, x = Looped(), images(n=1, size=8)
+    variables = perturbed(init(model, x), np.random.default_rng(9))
+    result = prune(model, variables, probe=x)
+    assert_same_logits(result, model, variables, x)
+    assert result.model.widths[0] < model.widths[0]
+    paths, values, treedef = api._flatten(result.variables)  # the pruned model traced as written
+    as_written = flops.count(api.trace(result.model, treedef, values, x), len(values), paths)
+    assert result.report["flops_after"] == as_written["xla"]  # (inlined, the loop would count 3 times)
 
 
 def test_a_bfloat16_model_folds_in_exact_arithmetic():

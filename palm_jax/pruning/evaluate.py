@@ -8,6 +8,7 @@ anything else runs through JAX itself, eagerly (in float32). `apply(eqn, args)` 
 (the walks use it to fold constant index arrays).
 """
 
+import functools
 import itertools
 import math
 
@@ -48,6 +49,7 @@ def inner(eqn):
     return (jaxpr, consts) if len(jaxpr.invars) == len(eqn.invars) else None
 
 
+@functools.cache
 def is_float(dtype) -> bool:
     """Floating point, bfloat16 and the other ml_dtypes included (NumPy's own test misses those)."""
     from jax import numpy as jnp
@@ -57,7 +59,9 @@ def is_float(dtype) -> bool:
 
 def as_float64(value) -> np.ndarray:
     value = np.asarray(value)
-    return value.astype(np.float64, copy=False) if is_float(value.dtype) else value
+    if value.dtype == np.float64 or not is_float(value.dtype):
+        return value
+    return value.astype(np.float64)
 
 
 def run(closed, args) -> list[np.ndarray]:

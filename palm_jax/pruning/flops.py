@@ -33,6 +33,8 @@ FREE = frozenset([
 ])
 VIEWS = frozenset(["broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims"])
 CALLED = frozenset(["jit", "pjit", "closed_call", "core_call"])  # lowered as a call to its own function
+INLINED = frozenset(["jit", "pjit"])  # calls that `jax.disable_jit()` traces inline
+DERIVATIVES = frozenset(["custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"])
 FOLDED = PER_ELEMENT | {"select_n", "integer_pow"}  # on constants alone, XLA folds these (0 FLOPs)
 
 
@@ -133,6 +135,31 @@ def _papers(eqn, views, hit, bn_means, biased) -> float:
     if name == "reduce_sum" and len(eqn.invars[0].aval.shape) - 1 not in eqn.params["axes"]:
         return float(_size(eqn.invars[0]))  # a global pool
     return 0.0
+
+
+def inlining_keeps_count(jaxpr) -> bool:
+    """Whether the same function traced under `jax.disable_jit()` counts the same in both conventions: its
+    only nested jaxprs are custom derivatives and jits, each jit with at most one equation XLA may count
+    (summed inline or as a call, it rounds alike). Loops, conditionals, checkpoints and other transforms
+    (which `disable_jit` unrolls or rewrites) make it False."""
+    for eqn in jaxpr.eqns:
+        sub, name = inner(eqn), eqn.primitive.name
+        if sub is None:
+            if any(_holds_jaxpr(p) for p in eqn.params.values()):
+                return False  # a loop, conditional or other transform
+            continue
+        if name not in INLINED | DERIVATIVES or not inlining_keeps_count(sub[0]):
+            return False
+        counted = [e for e in sub[0].eqns if inner(e) is not None or e.primitive.name not in FREE]
+        if name in INLINED and len(counted) > 1:
+            return False
+    return True
+
+
+def _holds_jaxpr(param) -> bool:
+    if isinstance(param, tuple | list):
+        return any(_holds_jaxpr(p) for p in param)
+    return isinstance(param, jcore.Jaxpr | jcore.ClosedJaxpr)
 
 
 def count(closed, n_leaves: int, paths) -> dict:

@@ -31,7 +31,15 @@ from flax import nnx
 from palm_jax.deploy.latency import add_latency
 from palm_jax.pruning import engine, flops, nnx_layers
 from palm_jax.pruning import report as reporting
-from palm_jax.pruning.api import TOLERANCE, Analysed, PruneResult, cached, check_arguments, error_line
+from palm_jax.pruning.api import (
+    TOLERANCE,
+    Analysed,
+    PruneResult,
+    cached,
+    check_arguments,
+    error_line,
+    make_jaxpr,
+)
 
 COLLECTIONS = ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats"))
 
@@ -71,9 +79,10 @@ def _evaluation(model) -> Split:
     return Split(copy)
 
 
-def trace(split: Split, probe):
-    """The closed jaxpr of the eval-mode forward pass over (leaves, probe)."""
-    return jax.make_jaxpr(lambda leaves, x: split.merge(leaves)(x))(split.values, probe)
+def trace(split: Split, probe, inline=False):
+    """The closed jaxpr of the eval-mode forward pass over (leaves, probe) (`inline`: see
+    `api.make_jaxpr`)."""
+    return make_jaxpr(lambda leaves, x: split.merge(leaves)(x), split.values, probe, inline=inline)
 
 
 def _left_alone(modules: dict, split: Split):
@@ -124,8 +133,8 @@ def _analysed(model, split: Split, probe):
     structure = engine.analyse(split.paths, split.values, closed, gathering=gathering, fixed=fixed)
     controls = [[layer.kernel] for layer in structure.layers
                 if layer.kernel not in fixed and type(modules.get(layer.name)) in nnx_layers.LAYERS]
-    return Analysed(closed, structure, controls, flops.count(closed, len(split.values), split.paths)), \
-        left_alone
+    return Analysed(closed, structure, controls, flops.count(closed, len(split.values), split.paths),
+                    inline=flops.inlining_keeps_count(closed.jaxpr)), left_alone
 
 
 def prune(model, variables=None, *, probe, threshold=0.0, percent=None, min_channels=1, fold=True, exact=True,
@@ -163,7 +172,7 @@ def prune(model, variables=None, *, probe, threshold=0.0, percent=None, min_chan
     try:
         if rebuilt.paths != split.paths:
             raise ValueError("the state paths changed")
-        pruned_closed = trace(rebuilt, probe)
+        pruned_closed = trace(rebuilt, probe, inline=analysed.inline)
     except Exception as err:
         raise ValueError(f"prune: the rebuilt {type(model).__name__} does not run on the sliced variables "
                          f"({error_line(err)}); a layer reads its channel counts from attributes the pruner "

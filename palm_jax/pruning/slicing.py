@@ -75,7 +75,7 @@ def decide(graph, leaves, bns, layers, resizable, edges, clamp_axes, threshold: 
     lacking = lambda axis: min(min_channels, len(axis)) - int(np.sum(~removed[axis] & ~carrier[axis]))
     clamped = [i for i, axis in enumerate(axes) if lacking(axis) > 0]
     feeds = {}
-    for s, t in zip(sources.tolist(), targets.tolist(), strict=True):
+    for s, t in zip(sources.tolist(), targets.tolist(), strict=True) if clamped else ():
         feeds.setdefault(s, []).append(t)
     for i in clamped:
         axis, need = axes[i], lacking(axes[i])
