@@ -118,17 +118,22 @@ def load_dataset(name, data_dir=None, *, train_images=None, val_images=5000, dow
         train = tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         test = load_split(name, "test", download=download)
         dataset = Dataset(name, *train, *test, "test", NUM_CLASSES[name], splits)
-    if train_images is not None and not 0 < train_images <= len(dataset.train_labels):
-        held = " (after the validation hold-out)" if dataset.eval_split == "val" else ""
-        raise ValueError(f"train_images={train_images}, but {name} has {len(dataset.train_labels)} "
-                         f"training images{held}")
     return first_train_images(dataset, train_images)
 
 
-def first_train_images(dataset: Dataset, count: int | None) -> Dataset:
-    """`dataset` with only its first `count` training images (None: all of them)."""
+def first_train_images(dataset: Dataset, count: int | None, *, asked: str | None = None,
+                       source=None) -> Dataset:
+    """`dataset` with only its first `count` training images (None: all of them); ValueError when it has
+    fewer. `asked` / `source`: how the message names the request (default `train_images=<count>`) and the
+    data (default the dataset's name)."""
     if count is None:
         return dataset
+    available = len(dataset.train_labels)
+    if not 0 < count <= available:
+        held = (f" (after holding out the last {len(dataset.eval_labels):,} for validation: there is no "
+                "test.npz)" if dataset.eval_split == "val" else "")
+        raise ValueError(f"{asked or f'train_images={count}'} asked for, but {source or dataset.name} has "
+                         f"{available:,} training images{held}")
     return dataclasses.replace(dataset, train_images=dataset.train_images[:count],
                                train_labels=dataset.train_labels[:count])
 

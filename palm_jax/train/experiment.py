@@ -51,13 +51,10 @@ def load_data(cfg: TrainConfig) -> Dataset:
             num_train=cfg.synthetic_images, num_eval=max(cfg.synthetic_images // 4, 100), seed=cfg.seed
         )
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    available = len(dataset.train_labels)
-    if cfg.train_images is not None and cfg.train_images > available:
-        held = (f" (after holding out the last {len(dataset.eval_labels):,} for validation: there is no "
-                "test.npz)" if dataset.eval_split == "val" else "")
-        raise ConfigError(f"{{train_images}} asked for, but {cfg.data_dir or cfg.dataset} has {available:,} "
-                          f"training images{held}", {"train_images": cfg.train_images})
-    return first_train_images(dataset, cfg.train_images)
+    try:  # the message names the setting as the user or the recipe made it (ConfigError.explain)
+        return first_train_images(dataset, cfg.train_images, asked="{train_images}", source=cfg.data_dir)
+    except ValueError as err:
+        raise ConfigError(str(err), {"train_images": cfg.train_images}) from None
 
 
 def checkpoint_dir(run_dir: Path, phase: str) -> Path:
@@ -99,6 +96,8 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> list[str]:
 def set_aside_phases(run_dir: Path, phases, why: str, log) -> None:
     """Phases made from what is now redone: their checkpoints moved to `checkpoints_<phase>.stale`, their
     metrics dropped (metrics.jsonl stays in the order the run computes)."""
+    if not phases:
+        return
     keep_records(run_dir, lambda record: record["phase"] not in phases)
     for phase in phases:
         stale = checkpoint_dir(run_dir, phase)
